@@ -1,0 +1,131 @@
+"""Callbacks: a sample at each evaluation, tokens per second, and the run's summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+
+from .fileio import atomic_write_bytes
+
+
+def tokens_per_step(trainer: L.Trainer) -> int:
+    """Tokens in one optimizer step, over all devices."""
+    data = trainer.datamodule
+    return data.batch_size * data.block_size * trainer.accumulate_grad_batches * trainer.world_size
+
+
+def generate_text(pl_module: L.LightningModule, prompt: str, max_new_tokens: int, *, seed: int, **options) -> str:
+    """Sample from the module's model with its own generator: the training RNG streams are left alone."""
+    tokenizer = pl_module.tokenizer
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=pl_module.device)
+    generator = torch.Generator(device=pl_module.device).manual_seed(seed)
+    with pl_module.trainer.precision_plugin.forward_context():
+        out = pl_module.model.generate(idx, max_new_tokens, generator=generator, **options)
+    return tokenizer.decode(out[0].tolist())
+
+
+class SampleText(Callback):
+    """After each evaluation, a sample from `prompt` to TensorBoard's text tab and to samples.txt."""
+
+    def __init__(self, path: str, prompt: str = "ROMEO:\n", max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 40, seed: int = 1234):
+        self.path = Path(path)
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        text = generate_text(pl_module, self.prompt, self.max_new_tokens, seed=self.seed,
+                             temperature=self.temperature, top_k=self.top_k)
+        step = trainer.global_step
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"=== step {step} ===\n{text}\n\n")
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                logger.experiment.add_text("samples", f"```\n{text}\n```", step)
+
+
+class Throughput(Callback):
+    """Logs train/tokens_per_s over each logging interval, from host time alone (no device sync)."""
+
+    def __init__(self):
+        self._since: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.tokens_per_step = tokens_per_step(trainer)
+        self._since = (time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        start_time, start_step = self._since
+        if step - start_step >= trainer.log_every_n_steps:
+            now = time.perf_counter()
+            rate = (step - start_step) * self.tokens_per_step / (now - start_time)
+            pl_module.log("train/tokens_per_s", rate, on_step=True, on_epoch=False)
+            self._since = (now, step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._since is not None:  # evaluation time is not training throughput
+            self._since = (time.perf_counter(), trainer.global_step)
+
+
+class RunSummary(Callback):
+    """Tracks the best validation loss and its step; at the end writes summary.json and prints it as a line."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.best = {"val_loss": math.inf}
+        self._start: tuple[float, int] | None = None
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict["best"]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.perf_counter(), trainer.global_step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/loss" not in metrics:
+            return
+        loss = float(metrics["val/loss"])
+        if loss < self.best["val_loss"]:
+            self.best = {
+                "val_loss": loss,
+                "val_ppl": float(metrics["val/ppl"]),
+                "val_bpc": float(metrics["val/bpc"]),
+                "step": trainer.global_step,
+            }
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/loss_best": self.best["val_loss"]}, step=trainer.global_step)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start_time, start_step = self._start or (time.perf_counter(), trainer.global_step)
+        wall = time.perf_counter() - start_time
+        best_ckpt = next((cb.best_model_path for cb in trainer.checkpoint_callbacks
+                          if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss"), "")
+        summary = {
+            "best_val_loss": self.best.get("val_loss"),
+            "best_val_ppl": self.best.get("val_ppl"),
+            "best_val_bpc": self.best.get("val_bpc"),
+            "best_step": self.best.get("step"),
+            "steps": trainer.global_step,
+            "tokens_per_s": (trainer.global_step - start_step) * tokens_per_step(trainer) / max(wall, 1e-9),
+            "wall_s": wall,
+            "best_ckpt": best_ckpt or None,
+        }
+        atomic_write_bytes(self.path, (json.dumps(summary, indent=2) + "\n").encode())
+        print("summary: " + json.dumps(summary), flush=True)

@@ -1,0 +1,70 @@
+"""Checkpoint files: written atomically, read with clear errors, `ckpt_path=last` resolved."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .errors import UserError
+from .fileio import atomic_write
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, fsync, rename: a checkpoint is whole or absent."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint(path, map_location=map_location)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; {_good_ones(path.parent)}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise UserError(f"checkpoint {path} is truncated or not a checkpoint ({type(err).__name__}); "
+                        f"{_good_ones(path.parent, exclude=path)}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(
+            f"{path} is not a Lightning checkpoint written by lmtrain; {_good_ones(path.parent, exclude=path)}"
+        )
+    return checkpoint
+
+
+def _good_ones(folder: Path, exclude: Path | None = None) -> str:
+    others = [p for p in sorted(folder.glob("*.ckpt")) if p.resolve() != (exclude.resolve() if exclude else None)]
+    if not others:
+        return "start a new run without ckpt_path"
+    return "resume from another checkpoint, e.g. ckpt_path=" + str(others[-1])
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """None, a checkpoint file, or "last": the newest loadable checkpoint of this run folder."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        load_checkpoint(ckpt_path)  # fail early, with a clear message, on a missing or broken file
+        return ckpt_path
+    folder = output_dir / CHECKPOINT_DIR
+    candidates = sorted(
+        (p for p in folder.glob("*.ckpt") if p.name != "best.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for candidate in candidates:
+        try:
+            checkpoint = load_checkpoint(candidate)
+        except UserError:
+            continue
+        if "optimizer_states" in checkpoint:
+            return str(candidate)
+    raise UserError(f"ckpt_path=last found no resumable checkpoint in {folder}; "
+                    "point hydra.run.dir at the run folder to resume, or give ckpt_path=<file>")

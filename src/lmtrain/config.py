@@ -1,0 +1,167 @@
+"""Structured configs: one typed dataclass per concern, registered with Hydra's ConfigStore.
+
+The YAML files in conf/ fill these schemas, so an unknown key or a wrong type fails at composition.
+`validate` then checks what types cannot (ranges, relations) and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import UserError
+from .model import GPTConfig
+from .optim import OptimConfig
+
+PRECISIONS = {"bf16-mixed", "16-mixed", "32-true", "bf16-true"}
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    vocab_size: int | None = None  # None: the tokenizer's; if set, at least the tokenizer's
+    compile: bool = False  # torch.compile the training loss (model forward + cross-entropy)
+    compile_mode: str | None = None  # None (default), "reduce-overhead" (CUDA graphs), "max-autotune"
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "lmtrain.data.datamodule.TextDataModule"
+    name: str = "shakespeare"  # a known download (shakespeare) or a label for `path`
+    path: str | None = None  # a UTF-8 file or a folder of .txt files
+    mirror: str | None = "${oc.env:LMTRAIN_DATA_MIRROR,null}"  # a folder to copy downloads from
+    cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"
+    val_fraction: float = 0.1
+    block_size: int | None = None  # training window; None: the model's block_size
+
+
+@dataclass
+class TokenizerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class GPT2TokenizerConfig(TokenizerConfig):
+    _target_: str = "lmtrain.tokenizer.gpt2.build"
+
+
+@dataclass
+class CharTokenizerConfig(TokenizerConfig):
+    _target_: str = "lmtrain.tokenizer.char.build"
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: str = "bf16-mixed"  # set by the precision group
+    max_steps: int = 5000  # optimizer steps
+    batch_size: int = 64  # micro-batch per device
+    accumulate_grad_batches: int = 4
+    gradient_clip_val: float | None = 1.0
+    eval_interval: int = 250  # optimizer steps between evaluations
+    eval_batches: int | None = 20  # None: one fixed full pass over each split
+    eval_at_start: bool = True  # evaluate (and sample) before the first step
+    log_every_n_steps: int = 50
+    matmul_precision: str = "high"  # "high": TF32 matmuls on Ampere and newer
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000  # periodic full checkpoint (model, optimizer, RNG) for resuming
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: Any = None
+    name: str = "default"
+    seed: int = 1337
+    ckpt_path: str | None = None  # a checkpoint file, or "last": the newest in this run folder
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="schema/tokenizer", name="gpt2", node=GPT2TokenizerConfig)
+    cs.store(group="schema/tokenizer", name="char", node=CharTokenizerConfig)
+
+
+register_configs()
+
+
+def training_block_size(cfg: DictConfig | TrainConfig) -> int:
+    return cfg.data.block_size or cfg.model.block_size
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every problem types cannot catch, in one UserError: `key=value …; fix`."""
+    m, o, t, d, c = cfg.model, cfg.optim, cfg.trainer, cfg.data, cfg.checkpoint
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        need(m[key] >= 1, f"model.{key}={m[key]} must be at least 1")
+    if m.n_head >= 1:
+        need(m.n_embd % m.n_head == 0,
+             f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+             f"choose an n_head that divides it, e.g. {_divisor_near(m.n_embd, m.n_head)}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    need(m.mlp in ("gelu", "relu2"), f"model.mlp={m.mlp!r} must be gelu or relu2")
+    need(not m.rope or (m.n_head >= 1 and (m.n_embd // m.n_head) % 2 == 0),
+         "model.rope needs an even head size (n_embd / n_head)")
+    need(m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1")
+    need(d.block_size is None or 1 <= d.block_size <= m.block_size,
+         f"data.block_size={d.block_size} is above the model's context model.block_size={m.block_size}; "
+         "lower data.block_size or raise model.block_size")
+    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be between 0 and 1")
+
+    need(o.name in ("adamw", "muon"), f"optim.name={o.name!r} must be adamw or muon")
+    need(o.max_lr > 0, f"optim.max_lr={o.max_lr} must be positive")
+    need(0 <= o.min_lr <= o.max_lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.max_lr={o.max_lr}")
+    need(0 <= o.warmup_steps <= t.max_steps,
+         f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
+         "lower the warmup or train longer")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+         f"optim.betas={list(o.betas)} must be two values in [0, 1)")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative")
+
+    positive = ("max_steps", "batch_size", "accumulate_grad_batches", "eval_interval", "log_every_n_steps", "num_nodes")
+    for key in positive:
+        need(t[key] >= 1, f"trainer.{key}={t[key]} must be at least 1")
+    need(t.eval_batches is None or t.eval_batches >= 1,
+         f"trainer.eval_batches={t.eval_batches} must be at least 1 (or null for a full pass)")
+    need(t.gradient_clip_val is None or t.gradient_clip_val > 0,
+         f"trainer.gradient_clip_val={t.gradient_clip_val} must be positive (or null for no clipping)")
+    need(t.precision in PRECISIONS,
+         f"trainer.precision={t.precision!r} must be one of {sorted(PRECISIONS)}; use precision=bf16|fp16|fp32")
+    need(t.matmul_precision in ("highest", "high", "medium"),
+         f"trainer.matmul_precision={t.matmul_precision!r} must be highest, high or medium")
+    need(c.every_n_steps >= 1, f"checkpoint.every_n_steps={c.every_n_steps} must be at least 1")
+    need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

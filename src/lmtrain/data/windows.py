@@ -1,0 +1,82 @@
+"""Batches of (x, y) windows sliced on the device from device-resident token ids: no host copy per step."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import IterableDataset
+
+
+def slice_windows(ids: torch.Tensor, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = ids[s : s+T] and y = ids[s+1 : s+T+1] for each start s: two (B, T) int64 tensors."""
+    offsets = torch.arange(block_size + 1, device=ids.device)
+    windows = ids[starts[:, None] + offsets].long()  # (B, T+1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def batch_seed(seed: int, rank: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{rank}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class RandomWindows(IterableDataset):
+    """Training micro-batch i holds random windows drawn from a generator seeded by (seed, rank, i).
+
+    A batch is a function of its index alone, so resuming at optimizer step s continues exactly with
+    micro-batch s * accumulate_grad_batches: the data position needs no state of its own.
+    """
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        num_batches: int,
+        first_batch: Callable[[], int],
+    ):
+        self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
+        self.seed, self.rank, self.num_batches, self.first_batch = seed, rank, num_batches, first_batch
+        self.generator = torch.Generator(device=ids.device)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        for index in range(self.first_batch(), self.num_batches):
+            yield self.batch(index)
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.generator.manual_seed(batch_seed(self.seed, self.rank, index))
+        high = len(self.ids) - self.block_size
+        starts = torch.randint(high, (self.batch_size,), device=self.ids.device, generator=self.generator)
+        return slice_windows(self.ids, starts, self.block_size)
+
+
+class FixedWindows(IterableDataset):
+    """Evaluation batches at fixed starts (n_batches, B): the same windows at every evaluation."""
+
+    def __init__(self, ids: torch.Tensor, starts: torch.Tensor, block_size: int):
+        self.ids, self.starts, self.block_size = ids, starts, block_size
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self):
+        for starts in self.starts:
+            yield slice_windows(self.ids, starts, self.block_size)
+
+
+def random_starts(n_tokens: int, block_size: int, batch_size: int, n_batches: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(n_tokens - block_size, (n_batches, batch_size), generator=generator)
+    return list(starts)
+
+
+def full_pass_starts(n_tokens: int, block_size: int, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive non-overlapping windows covering the split once (the tail shorter than a window is left)."""
+    starts = torch.arange(0, n_tokens - block_size, block_size)
+    return list(starts.split(batch_size))

@@ -1,0 +1,168 @@
+"""The LightningModule: next-token loss, metrics without per-step host syncs, AdamW + warmup/cosine."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning as L
+import numpy as np
+import torch
+
+from .errors import UserError
+from .lr_schedule import warmup_cosine
+from .model import GPT, GPTConfig
+from .optim import OptimConfig, build_optimizer
+
+# What a checkpoint's weights depend on; dropout and initialisation may change between runs.
+ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp",
+                "vocab_multiple")
+FUSED_PRECISIONS = {"bf16-mixed", "bf16-true", "32-true", "32"}  # no GradScaler that must unscale first
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(
+        self,
+        *,
+        model: dict,
+        optim: dict,
+        max_steps: int,
+        tokenizer_state: dict,
+        chars_per_token: dict,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        tokenizer=None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
+        self.model = GPT(GPTConfig(**model))
+        self.optim_config = OptimConfig(**optim)
+        self.tokenizer = tokenizer
+        # The compiled loss is kept out of the module tree: checkpoints hold plain `model.` keys.
+        self.train_loss = torch.compile(self.model.loss, mode=compile_mode) if compile else self.model.loss
+        self._rng_to_restore = None
+
+    # --- training -------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # first step after a resume: continue the saved RNG streams
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.train_loss(x, y)
+        self._loss_sum += loss.detach()
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        accumulate = self.trainer.accumulate_grad_batches
+        self.log("train/loss", self._loss_sum / accumulate, on_step=True, on_epoch=False)
+        self._loss_sum = torch.zeros((), device=self.device)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Clipping here rather than through the precision plugin lets fused AdamW clip under bf16
+        # (Lightning refuses to clip for optimizers that unscale internally; bf16 has nothing to unscale).
+        max_norm = gradient_clip_val if gradient_clip_val else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    # --- evaluation -----------------------------------------------------------------------------
+    EVAL_SPLITS = ("val", "train")  # the order of the data module's val_dataloader()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = torch.zeros(len(self.EVAL_SPLITS), 2, device=self.device)  # (loss * tokens, tokens)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        loss = self.model.loss(x, y)
+        self._eval_sums[dataloader_idx, 0] += loss * y.numel()
+        self._eval_sums[dataloader_idx, 1] += y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
+        metrics = {}
+        for (split, (loss_sum, tokens)) in zip(self.EVAL_SPLITS, sums):
+            if tokens == 0:
+                continue
+            loss = loss_sum / tokens
+            bpc = loss / math.log(2) / self.hparams.chars_per_token[split]
+            if split == "val":
+                metrics.update({"val/loss": loss, "val/ppl": loss.exp(), "val/bpc": bpc})
+            else:
+                metrics.update({"train/eval_loss": loss, "train/eval_bpc": bpc})
+        # For checkpointing and callbacks; the loggers get the values at x = optimizer steps taken,
+        # the weights they were measured with (train/loss at step s was measured before update s + 1).
+        self.log_dict(metrics, on_step=False, on_epoch=True, logger=False)
+        values = {name: float(value) for name, value in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+
+    # --- optimizer and schedule -----------------------------------------------------------------
+    def configure_optimizers(self):
+        config = self.optim_config
+        fused = config.fused
+        if fused is None:
+            fused = self.device.type == "cuda" and str(self.trainer.precision) in FUSED_PRECISIONS
+        optimizer = build_optimizer(self.model, config, fused=fused)
+        scheduler = warmup_cosine(
+            optimizer,
+            warmup_steps=config.warmup_steps,
+            max_steps=self.hparams.max_steps,
+            max_lr=config.max_lr,
+            min_lr=config.min_lr,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
+        }
+
+    # --- checkpoints: the RNG streams, so that a resumed run draws what the uninterrupted one would --
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_same_model(checkpoint.get("hyper_parameters", {}))
+        self._rng_to_restore = checkpoint.get("rng_state")
+
+    def _check_same_model(self, saved: dict) -> None:
+        """A checkpoint resumes only the model and tokenizer it was trained with."""
+        ours, theirs = self.hparams.model, saved.get("model", {})
+        differences = [
+            f"model.{k}={theirs.get(k)} (config: {ours[k]})" for k in ARCHITECTURE if theirs.get(k) != ours[k]
+        ]
+        if saved.get("tokenizer_state") != self.hparams.tokenizer_state:
+            differences.append(f"tokenizer {saved.get('tokenizer_state', {}).get('kind')} "
+                               f"(config: {self.hparams.tokenizer_state['kind']}, or other settings)")
+        if differences:
+            path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+            raise UserError(
+                f"checkpoint {path} does not match the config: it has {', '.join(differences)}; resume with the "
+                "config it was trained with (its run's .hydra/config.yaml) or start a new run"
+            )
+
+
+def capture_rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": [np.asarray(x).tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

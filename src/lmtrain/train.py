@@ -1,0 +1,56 @@
+"""Train a GPT: `python -m lmtrain.train [experiment=seed] [group=option] [key=value ...]`.
+
+Compose (Hydra) → validate → build (data, model, callbacks, Trainer) → fit (Lightning) → summary.json.
+    python -m lmtrain.train experiment=smoke                # seconds on a CPU
+    python -m lmtrain.train model=gpt10m precision=bf16     # the lesson's build-along on a GPU
+    python -m lmtrain.train --cfg job experiment=seed       # print the composed config
+    python -m lmtrain.train -m optim.warmup_steps=0,200     # a sweep, one run folder per job
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from . import build
+from .checkpointing import resolve_ckpt_path
+from .config import validate
+from .errors import exit_on_user_error, restore_full_error, run_hydra_app
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def train(cfg: DictConfig) -> dict:
+    """One training run from a composed config; returns the callback metrics at the end."""
+    validate(cfg)
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build.build_datamodule(cfg)
+    datamodule.prepare_data()
+    module = build.build_module(cfg, datamodule)
+    logger = build.build_logger(cfg)
+    trainer = build.build_trainer(cfg, build.build_callbacks(cfg), logger)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, build.output_dir(cfg))
+    build.log_config(logger, cfg)
+    if ckpt_path is None and cfg.trainer.eval_at_start:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return dict(trainer.callback_metrics)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    restore_full_error()
+    with exit_on_user_error():
+        train(cfg)
+
+
+def main() -> None:
+    run_hydra_app(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Every config group and experiment composes; types, unknown keys and impossible values are caught."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from lmtrain.config import validate
+from lmtrain.errors import UserError
+
+from .conftest import CONFIG_DIR, compose
+
+GROUPS = {
+    group.name: sorted(p.stem for p in group.glob("*.yaml"))
+    for group in Path(CONFIG_DIR).iterdir()
+    if group.is_dir() and group.name not in ("hydra",)
+}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
+def test_every_group_option_composes_and_validates(group, option):
+    extra = ["data.path=README.md"] if (group, option) == ("data", "text") else []
+    cfg = compose(f"{group}={option}", *extra)
+    validate(cfg)
+
+
+def test_default_is_the_lessons_recipe():
+    cfg = compose("model=gpt10m", "precision=bf16")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (6, 6, 384, 256)
+    assert (cfg.model.dropout, cfg.model.bias) == (0.1, False)
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.trainer.batch_size, cfg.trainer.accumulate_grad_batches, cfg.trainer.max_steps) == (64, 4, 5000)
+    assert (cfg.trainer.eval_interval, cfg.trainer.eval_batches, cfg.trainer.gradient_clip_val) == (250, 20, 1.0)
+    assert (cfg.optim.max_lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (3e-4, 3e-5, 200)
+    assert list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.weight_decay == 0.1
+
+
+@pytest.mark.parametrize("precision,lightning", [("bf16", "bf16-mixed"), ("fp16", "16-mixed"), ("fp32", "32-true")])
+def test_precision_group_sets_lightning_precision(precision, lightning):
+    assert compose(f"precision={precision}").trainer.precision == lightning
+
+
+def test_seed_char_uses_nanogpt_character_settings():
+    cfg = compose("experiment=seed_char")
+    assert cfg.tokenizer._target_.endswith("char.build")
+    assert (cfg.model.dropout, cfg.optim.max_lr, cfg.trainer.accumulate_grad_batches) == (0.2, 1e-3, 1)
+
+
+@pytest.mark.parametrize("override", ["model.n_layerz=3", "trainer.max_step=10", "optim.foo=1"])
+def test_unknown_key_is_a_composition_error(override):
+    with pytest.raises(ConfigCompositionException):
+        compose(override)
+
+
+def test_wrong_type_is_a_composition_error():
+    with pytest.raises(ConfigCompositionException):
+        compose("model.n_layer=three")
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("optim.warmup_steps=6000", "warmup_steps"),
+        ("optim.min_lr=1.0", "min_lr"),
+        ("model.n_head=7", "n_head"),
+        ("data.block_size=512", "block_size"),
+        ("trainer.batch_size=0", "batch_size"),
+        ("model.dropout=1.5", "dropout"),
+    ],
+)
+def test_impossible_values_are_named(override, words):
+    with pytest.raises(UserError, match=words):
+        validate(compose(override))
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(UserError) as err:
+        validate(compose("optim.min_lr=1.0", "model.n_head=7"))
+    assert "min_lr" in str(err.value) and "n_head" in str(err.value)

@@ -1,0 +1,104 @@
+"""`python -m lmtrain.train` end to end, as a user runs it: outputs, resume, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+
+from lmtrain.check import accumulation_check
+
+from .conftest import run_cli, scalars, smoke
+
+TAGS = {"train/loss", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/ppl", "val/bpc"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    result = smoke(run_dir)
+    return run_dir, result
+
+
+def test_smoke_run_writes_checkpoints_samples_summary_and_tensorboard(smoke_run):
+    run_dir, result = smoke_run
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert {"best.ckpt", "last.ckpt", "step-000060.ckpt"} <= checkpoints
+    samples = (run_dir / "samples.txt").read_text()
+    assert samples.count("ROMEO:") == 4  # steps 0, 20, 40, 60
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["best_step"] in (20, 40, 60)
+    assert summary["best_val_ppl"] == pytest.approx(math.exp(summary["best_val_loss"]), rel=1e-5)
+    assert summary["tokens_per_s"] > 0 and summary["best_ckpt"].endswith("best.ckpt")
+    summary_lines = [line for line in result.stdout.splitlines() if line.startswith("summary: {")]
+    assert len(summary_lines) == 1 and json.loads(summary_lines[0][len("summary: "):]) == summary
+
+    series = scalars(run_dir)
+    assert TAGS <= set(series) and any(tag.startswith("lr") for tag in series)
+    val = dict(series["val/loss"])
+    assert sorted(val) == [0, 20, 40, 60] and val[60] < val[0]
+    assert val[0] == pytest.approx(math.log(65), abs=0.15)  # the untrained model: uniform over 65 characters
+    for step, loss in series["val/loss"]:
+        assert dict(series["val/ppl"])[step] == pytest.approx(math.exp(loss), rel=1e-5)
+        assert dict(series["val/bpc"])[step] == pytest.approx(loss / math.log(2), rel=1e-5)  # 1 char per token
+
+
+def test_checkpoint_keys_are_plain_and_last_points_at_the_newest(smoke_run):
+    run_dir, _ = smoke_run
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 60
+    assert all(key.startswith("model.") and "_orig_mod" not in key for key in last["state_dict"])
+    assert last["hyper_parameters"]["tokenizer_state"]["kind"] == "char"
+    assert {"python", "numpy", "torch"} <= set(last["rng_state"])
+
+
+def test_resume_continues_the_step_count_and_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    smoke(run_dir, "trainer.max_steps=40")
+    smoke(run_dir, "trainer.max_steps=60", f"ckpt_path={run_dir}/checkpoints/last.ckpt")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 60
+    steps = [s for s, _ in scalars(run_dir)["train/loss"]]
+    assert max(steps) == 59 and 49 in steps
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["data=text", "data.path=__BIN__"], "utf"),
+        (["model.n_head=5"], "n_head"),
+        (["model.n_layerz=2"], "n_layerz"),
+        (["optim.warmup_steps=100000"], "warmup"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_touches_no_earlier_run(smoke_run, tmp_path, overrides, words):
+    run_dir, _ = smoke_run
+    before = {p.name: _sha(p) for p in (run_dir / "checkpoints").iterdir()}
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad\xc3" * 100)
+    args = [o.replace("__BIN__", str(binary)) for o in overrides]
+    result = run_cli("lmtrain.train", "experiment=smoke", f"hydra.run.dir={run_dir}", *args)
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and words in error_lines[0].lower()
+    assert "Traceback" not in result.stderr + result.stdout
+    assert {p.name: _sha(p) for p in (run_dir / "checkpoints").iterdir()} == before
+
+
+def test_checkpoint_from_another_model_is_a_clear_error(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    result = run_cli("lmtrain.train", "experiment=smoke", f"hydra.run.dir={tmp_path / 'other'}", "model.n_embd=96",
+                     f"ckpt_path={run_dir}/checkpoints/last.ckpt")
+    assert result.returncode == 2 and "does not match" in result.stderr, result.stderr[-2000:]
+
+
+def test_accumulated_gradients_equal_the_whole_batch_through_the_trainer():
+    difference, match = accumulation_check(batch_size=8, micro_batches=4)
+    assert match and difference < 1e-6

@@ -18,8 +18,15 @@ from .conftest import MIRROR, SHAKESPEARE
 
 
 def corpus(tmp_path: Path, make_tokenizer=char.build, path=None, block_size=64):
-    return prepare_corpus(name="shakespeare", path=path, cache_dir=tmp_path, mirror=MIRROR, val_fraction=0.1,
-                          block_size=block_size, make_tokenizer=make_tokenizer)
+    return prepare_corpus(
+        name="shakespeare",
+        path=path,
+        cache_dir=tmp_path,
+        mirror=MIRROR,
+        val_fraction=0.1,
+        block_size=block_size,
+        make_tokenizer=make_tokenizer,
+    )
 
 
 def test_fetch_copies_from_the_mirror_and_checks_sha256(tmp_path):
@@ -35,8 +42,10 @@ def test_fetch_copies_from_the_mirror_and_checks_sha256(tmp_path):
 def test_gpt2_ids_match_the_reference_count(tmp_path):
     c = corpus(tmp_path, gpt2.build)
     assert len(c.train_ids) + len(c.val_ids) == pytest.approx(338025, abs=5)  # split by characters
-    assert c.tokenizer.decode(c.val_ids[:50].tolist()) == split_text(SHAKESPEARE.read_text(), 0.1)[1][: len(
-        c.tokenizer.decode(c.val_ids[:50].tolist()))]
+    assert (
+        c.tokenizer.decode(c.val_ids[:50].tolist())
+        == split_text(SHAKESPEARE.read_text(), 0.1)[1][: len(c.tokenizer.decode(c.val_ids[:50].tolist()))]
+    )
     assert 3.0 < c.chars_per_token("val") < 3.5
 
 

@@ -34,7 +34,7 @@ def test_smoke_run_writes_checkpoints_samples_summary_and_tensorboard(smoke_run)
     assert summary["best_val_ppl"] == pytest.approx(math.exp(summary["best_val_loss"]), rel=1e-5)
     assert summary["tokens_per_s"] > 0 and summary["best_ckpt"].endswith("best.ckpt")
     summary_lines = [line for line in result.stdout.splitlines() if line.startswith("summary: {")]
-    assert len(summary_lines) == 1 and json.loads(summary_lines[0][len("summary: "):]) == summary
+    assert len(summary_lines) == 1 and json.loads(summary_lines[0][len("summary: ") :]) == summary
 
     series = scalars(run_dir)
     assert TAGS <= set(series) and any(tag.startswith("lr") for tag in series)
@@ -94,8 +94,13 @@ def test_bad_input_is_one_line_exit_2_and_touches_no_earlier_run(smoke_run, tmp_
 
 def test_checkpoint_from_another_model_is_a_clear_error(smoke_run, tmp_path):
     run_dir, _ = smoke_run
-    result = run_cli("lmtrain.train", "experiment=smoke", f"hydra.run.dir={tmp_path / 'other'}", "model.n_embd=96",
-                     f"ckpt_path={run_dir}/checkpoints/last.ckpt")
+    result = run_cli(
+        "lmtrain.train",
+        "experiment=smoke",
+        f"hydra.run.dir={tmp_path / 'other'}",
+        "model.n_embd=96",
+        f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+    )
     assert result.returncode == 2 and "does not match" in result.stderr, result.stderr[-2000:]
 
 

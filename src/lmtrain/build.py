@@ -65,8 +65,10 @@ def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
     for key in ("compile", "compile_mode"):
         arguments.pop(key)
     if arguments["vocab_size"] is not None and arguments["vocab_size"] < vocab_size:
-        raise UserError(f"model.vocab_size={arguments['vocab_size']} is below the tokenizer's {vocab_size} ids; "
-                        "remove the override or raise it")
+        raise UserError(
+            f"model.vocab_size={arguments['vocab_size']} is below the tokenizer's {vocab_size} ids; "
+            "remove the override or raise it"
+        )
     arguments["vocab_size"] = arguments["vocab_size"] or vocab_size
     return arguments
 
@@ -105,8 +107,9 @@ def check_precision(cfg: DictConfig) -> None:
     precision, accelerator = cfg.trainer.precision, cfg.trainer.accelerator
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if precision.startswith("bf16") and not (on_gpu and torch.cuda.is_bf16_supported()):
-        raise UserError("precision=bf16 needs a GPU with bfloat16 (Ampere or newer) and there is none here; "
-                        "use precision=fp32")
+        raise UserError(
+            "precision=bf16 needs a GPU with bfloat16 (Ampere or newer) and there is none here; use precision=fp32"
+        )
     if precision == "16-mixed" and not on_gpu:
         raise UserError("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
 

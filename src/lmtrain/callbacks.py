@@ -34,8 +34,15 @@ def generate_text(pl_module: L.LightningModule, prompt: str, max_new_tokens: int
 class SampleText(Callback):
     """After each evaluation, a sample from `prompt` to TensorBoard's text tab and to samples.txt."""
 
-    def __init__(self, path: str, prompt: str = "ROMEO:\n", max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: int | None = 40, seed: int = 1234):
+    def __init__(
+        self,
+        path: str,
+        prompt: str = "ROMEO:\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
+        seed: int = 1234,
+    ):
         self.path = Path(path)
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
@@ -44,8 +51,9 @@ class SampleText(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        text = generate_text(pl_module, self.prompt, self.max_new_tokens, seed=self.seed,
-                             temperature=self.temperature, top_k=self.top_k)
+        text = generate_text(
+            pl_module, self.prompt, self.max_new_tokens, seed=self.seed, temperature=self.temperature, top_k=self.top_k
+        )
         step = trainer.global_step
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
@@ -115,8 +123,14 @@ class RunSummary(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         start_time, start_step = self._start or (time.perf_counter(), trainer.global_step)
         wall = time.perf_counter() - start_time
-        best_ckpt = next((cb.best_model_path for cb in trainer.checkpoint_callbacks
-                          if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss"), "")
+        best_ckpt = next(
+            (
+                cb.best_model_path
+                for cb in trainer.checkpoint_callbacks
+                if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss"
+            ),
+            "",
+        )
         summary = {
             "best_val_loss": self.best.get("val_loss"),
             "best_val_ppl": self.best.get("val_ppl"),

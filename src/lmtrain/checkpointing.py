@@ -32,8 +32,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"checkpoint {path} is truncated or not a checkpoint ({type(err).__name__}); "
-                        f"{_good_ones(path.parent, exclude=path)}") from err
+        raise UserError(
+            f"checkpoint {path} is truncated or not a checkpoint ({type(err).__name__}); "
+            f"{_good_ones(path.parent, exclude=path)}"
+        ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(
             f"{path} is not a Lightning checkpoint written by lmtrain; {_good_ones(path.parent, exclude=path)}"
@@ -66,5 +68,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             continue
         if "optimizer_states" in checkpoint:
             return str(candidate)
-    raise UserError(f"ckpt_path=last found no resumable checkpoint in {folder}; "
-                    "point hydra.run.dir at the run folder to resume, or give ckpt_path=<file>")
+    raise UserError(
+        f"ckpt_path=last found no resumable checkpoint in {folder}; "
+        "point hydra.run.dir at the run folder to resume, or give ckpt_path=<file>"
+    )

@@ -54,6 +54,22 @@ class CharTokenizerConfig(TokenizerConfig):
 
 
 @dataclass
+class BPETokenizerConfig(TokenizerConfig):
+    _target_: str = "lmtrain.tokenizer.bpe.build"
+    vocab_size: int = 4096  # byte tokens + merges + special tokens
+    pattern: str = "gpt2"  # pre-tokenization: gpt2, gpt4 or none
+    special_tokens: list[str] = field(default_factory=list)
+    path: str | None = None  # a saved tokenizer file instead of training one
+
+
+@dataclass
+class SentencePieceTokenizerConfig(TokenizerConfig):
+    _target_: str = "lmtrain.tokenizer.spm.build"
+    vocab_size: int = 4096
+    model_type: str = "bpe"  # bpe or unigram
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -98,6 +114,8 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="schema/tokenizer", name="gpt2", node=GPT2TokenizerConfig)
     cs.store(group="schema/tokenizer", name="char", node=CharTokenizerConfig)
+    cs.store(group="schema/tokenizer", name="bpe", node=BPETokenizerConfig)
+    cs.store(group="schema/tokenizer", name="sentencepiece", node=SentencePieceTokenizerConfig)
 
 
 register_configs()
@@ -119,40 +137,63 @@ def validate(cfg: DictConfig) -> None:
     for key in ("n_layer", "n_head", "n_embd", "block_size"):
         need(m[key] >= 1, f"model.{key}={m[key]} must be at least 1")
     if m.n_head >= 1:
-        need(m.n_embd % m.n_head == 0,
-             f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
-             f"choose an n_head that divides it, e.g. {_divisor_near(m.n_embd, m.n_head)}")
+        need(
+            m.n_embd % m.n_head == 0,
+            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+            f"choose an n_head that divides it, e.g. {_divisor_near(m.n_embd, m.n_head)}",
+        )
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     need(m.mlp in ("gelu", "relu2"), f"model.mlp={m.mlp!r} must be gelu or relu2")
-    need(not m.rope or (m.n_head >= 1 and (m.n_embd // m.n_head) % 2 == 0),
-         "model.rope needs an even head size (n_embd / n_head)")
+    need(
+        not m.rope or (m.n_head >= 1 and (m.n_embd // m.n_head) % 2 == 0),
+        "model.rope needs an even head size (n_embd / n_head)",
+    )
     need(m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1")
-    need(d.block_size is None or 1 <= d.block_size <= m.block_size,
-         f"data.block_size={d.block_size} is above the model's context model.block_size={m.block_size}; "
-         "lower data.block_size or raise model.block_size")
+    need(
+        d.block_size is None or 1 <= d.block_size <= m.block_size,
+        f"data.block_size={d.block_size} is above the model's context model.block_size={m.block_size}; "
+        "lower data.block_size or raise model.block_size",
+    )
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be between 0 and 1")
+    tok = cfg.tokenizer
+    if "pattern" in tok:
+        need(tok.pattern in ("gpt2", "gpt4", "none"), f"tokenizer.pattern={tok.pattern!r} must be gpt2, gpt4 or none")
+    if "vocab_size" in tok:
+        need(tok.vocab_size >= 257, f"tokenizer.vocab_size={tok.vocab_size} must be at least 257 (256 bytes + 1)")
 
     need(o.name in ("adamw", "muon"), f"optim.name={o.name!r} must be adamw or muon")
     need(o.max_lr > 0, f"optim.max_lr={o.max_lr} must be positive")
     need(0 <= o.min_lr <= o.max_lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.max_lr={o.max_lr}")
-    need(0 <= o.warmup_steps <= t.max_steps,
-         f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
-         "lower the warmup or train longer")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-         f"optim.betas={list(o.betas)} must be two values in [0, 1)")
+    need(
+        0 <= o.warmup_steps <= t.max_steps,
+        f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
+        "lower the warmup or train longer",
+    )
+    need(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas={list(o.betas)} must be two values in [0, 1)",
+    )
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative")
 
     positive = ("max_steps", "batch_size", "accumulate_grad_batches", "eval_interval", "log_every_n_steps", "num_nodes")
     for key in positive:
         need(t[key] >= 1, f"trainer.{key}={t[key]} must be at least 1")
-    need(t.eval_batches is None or t.eval_batches >= 1,
-         f"trainer.eval_batches={t.eval_batches} must be at least 1 (or null for a full pass)")
-    need(t.gradient_clip_val is None or t.gradient_clip_val > 0,
-         f"trainer.gradient_clip_val={t.gradient_clip_val} must be positive (or null for no clipping)")
-    need(t.precision in PRECISIONS,
-         f"trainer.precision={t.precision!r} must be one of {sorted(PRECISIONS)}; use precision=bf16|fp16|fp32")
-    need(t.matmul_precision in ("highest", "high", "medium"),
-         f"trainer.matmul_precision={t.matmul_precision!r} must be highest, high or medium")
+    need(
+        t.eval_batches is None or t.eval_batches >= 1,
+        f"trainer.eval_batches={t.eval_batches} must be at least 1 (or null for a full pass)",
+    )
+    need(
+        t.gradient_clip_val is None or t.gradient_clip_val > 0,
+        f"trainer.gradient_clip_val={t.gradient_clip_val} must be positive (or null for no clipping)",
+    )
+    need(
+        t.precision in PRECISIONS,
+        f"trainer.precision={t.precision!r} must be one of {sorted(PRECISIONS)}; use precision=bf16|fp16|fp32",
+    )
+    need(
+        t.matmul_precision in ("highest", "high", "medium"),
+        f"trainer.matmul_precision={t.matmul_precision!r} must be highest, high or medium",
+    )
     need(c.every_n_steps >= 1, f"checkpoint.every_n_steps={c.every_n_steps} must be at least 1")
     need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
     if problems:

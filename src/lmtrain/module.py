@@ -15,8 +15,18 @@ from .model import GPT, GPTConfig
 from .optim import OptimConfig, build_optimizer
 
 # What a checkpoint's weights depend on; dropout and initialisation may change between runs.
-ARCHITECTURE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "mlp",
-                "vocab_multiple")
+ARCHITECTURE = (
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "bias",
+    "rope",
+    "qk_norm",
+    "mlp",
+    "vocab_multiple",
+)
 FUSED_PRECISIONS = {"bf16-mixed", "bf16-true", "32-true", "32"}  # no GradScaler that must unscale first
 
 
@@ -84,7 +94,7 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
         metrics = {}
-        for (split, (loss_sum, tokens)) in zip(self.EVAL_SPLITS, sums):
+        for split, (loss_sum, tokens) in zip(self.EVAL_SPLITS, sums):
             if tokens == 0:
                 continue
             loss = loss_sum / tokens
@@ -134,8 +144,10 @@ class LanguageModel(L.LightningModule):
             f"model.{k}={theirs.get(k)} (config: {ours[k]})" for k in ARCHITECTURE if theirs.get(k) != ours[k]
         ]
         if saved.get("tokenizer_state") != self.hparams.tokenizer_state:
-            differences.append(f"tokenizer {saved.get('tokenizer_state', {}).get('kind')} "
-                               f"(config: {self.hparams.tokenizer_state['kind']}, or other settings)")
+            differences.append(
+                f"tokenizer {saved.get('tokenizer_state', {}).get('kind')} "
+                f"(config: {self.hparams.tokenizer_state['kind']}, or other settings)"
+            )
         if differences:
             path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
             raise UserError(

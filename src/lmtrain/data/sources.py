@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, sha256_bytes, sha256_file
 
 
-@dataclass(frozen=True)
-class Remote:
+class Remote(NamedTuple):
     url: str
     sha256: str
     name: str  # path inside a mirror folder and inside the download cache
@@ -60,6 +57,9 @@ def fetch(remote: Remote, cache_dir: Path, mirror: Path | None = None) -> Path:
 
 
 def _download(remote: Remote) -> bytes:
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(remote.url, timeout=60) as response:
             return response.read()
@@ -76,9 +76,7 @@ def read_text(path: Path) -> str:
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
-            raise UserError(
-                f"the folder {path} holds no .txt files; set data.path to a UTF-8 file or such a folder"
-            )
+            raise UserError(f"the folder {path} holds no .txt files; set data.path to a UTF-8 file or such a folder")
         return "\n".join(_read_utf8(f) for f in files)
     if not path.exists():
         raise UserError(

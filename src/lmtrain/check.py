@@ -2,12 +2,15 @@
 
 accumulation: gradients of one batch of 8 against 4 accumulated micro-batches of 2, through our
               LanguageModel in a Lightning Trainer (Exercise 3).
+precision:    fp16 gradients underflowing to zero without loss scaling and surviving with the GradScaler,
+              the ranges of fp16 and bf16, and (with a GPU) the speed and memory of fp32/bf16/fp16 steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import lightning as L
 import torch
@@ -80,13 +83,96 @@ def _print_accumulation() -> bool:
     return match
 
 
+def underflow_demo(device: str) -> dict:
+    """Gradients of a loss scaled down to ~1e-8 per element: fp16 flushes them, the GradScaler saves them."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64).to(device)
+    x = torch.randn(32, 64, device=device)
+    fractions = {}
+    for name, scaler in (("fp16 without scaling", None), ("fp16 with GradScaler", torch.amp.GradScaler(device))):
+        layer.zero_grad()
+        with torch.autocast(device, dtype=torch.float16):
+            out = layer(x)
+        # tiny upstream gradients, as deep in a network late in training: they arrive in fp16
+        loss = (out.float() * 1e-9).sum()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(torch.optim.SGD(layer.parameters(), lr=0.0))
+        grad = layer.weight.grad
+        fractions[name] = (grad == 0).float().mean().item()
+    return fractions
+
+
+def precision_speed(steps: int = 20) -> list[tuple[str, float, float]]:
+    """(precision, ms per step, peak GiB) of the gpt10m model's training step at batch 16 on the GPU."""
+    return [
+        (name, *_time_training_step(dtype, steps))
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+    ]
+
+
+def _time_training_step(dtype: torch.dtype | None, steps: int) -> tuple[float, float]:
+    from .model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(dropout=0.0)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    idx = torch.randint(50257, (16, 257), device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model.loss(idx[:, :-1], idx[:, 1:])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3, torch.cuda.max_memory_allocated() / 2**30
+
+
+def _print_precision() -> bool:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"on {torch.cuda.get_device_name() if device == 'cuda' else 'the CPU'}:")
+    print("\n1. Underflow: a linear layer whose upstream gradients are ~1e-9 (below fp16's smallest subnormal, 6e-8)")
+    demo = underflow_demo(device)
+    for name in ("fp16 without scaling", "fp16 with GradScaler"):
+        print(f"   {name:<22} {demo[name]:6.1%} of the weight gradients are exactly zero")
+    lost, kept = demo["fp16 without scaling"], demo["fp16 with GradScaler"]
+    print(f"   -> loss scaling {'keeps' if kept < lost else 'does not keep'} the gradients fp16 would flush to zero")
+    print("\n2. Ranges: bf16 has fp32's exponent (8 bits), fp16 only 5; fp16 has more mantissa (10 bits vs 7)")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        info = torch.finfo(dtype)
+        name = str(dtype).removeprefix("torch.")
+        print(f"   {name:<9} max {info.max:9.3e}  smallest normal {info.tiny:9.3e}  eps {info.eps:.1e}")
+    for value in (1e-9, 70000.0):
+        f16, b16 = torch.tensor(value).half().item(), torch.tensor(value).bfloat16().item()
+        print(f"   {value:g} -> fp16 {f16:g}, bf16 {b16:g}")
+    if device == "cuda":
+        print("\n3. One training step of the gpt10m model (batch 16 x 256, fused AdamW):")
+        for name, ms, gib in precision_speed():
+            print(f"   {name:<5} {ms:7.2f} ms/step   peak memory {gib:5.2f} GiB")
+    else:
+        print("\n3. Speed and memory per precision: needs a CUDA GPU (none here).")
+    return kept < lost
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lmtrain.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["accumulation"])
+    parser.add_argument("what", choices=["accumulation", "precision"])
     args = parser.parse_args(argv)
-    ok = {"accumulation": _print_accumulation}[args.what]()
+    ok = {"accumulation": _print_accumulation, "precision": _print_precision}[args.what]()
     sys.exit(0 if ok else 1)
 
 

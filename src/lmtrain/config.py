@@ -109,9 +109,40 @@ class TrainConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+@dataclass
+class SampleConfig:
+    """`python -m lmtrain.sample`: prompts x temperatures from a checkpoint, the lesson's generate_samples."""
+
+    ckpt_path: str = MISSING
+    prompts: list[str] = field(
+        default_factory=lambda: ["ROMEO:\nO, ", "JULIET:\nMy ", "Enter HAMLET\n\nHAMLET:\n", "KING:\nWe shall "]
+    )
+    temperatures: list[float] = field(default_factory=lambda: [0.5, 0.8, 1.2])
+    top_k: int | None = 40
+    top_p: float | None = None
+    max_new_tokens: int = 150
+    num_samples: int = 1
+    seed: int = 1337
+    use_cache: bool = True
+    device: str = "auto"  # auto: cuda when present, else cpu
+    mirror: str | None = "${oc.env:LMTRAIN_DATA_MIRROR,null}"  # for GPT-2's tokenizer files
+    cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"
+
+
+@dataclass
+class ScheduleConfig:
+    """`python -m lmtrain.schedule`: the configured warmup + cosine schedule, drawn and checked."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    out: str = "lr_schedule.png"
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="schedule_schema", node=ScheduleConfig)
     cs.store(group="schema/tokenizer", name="gpt2", node=GPT2TokenizerConfig)
     cs.store(group="schema/tokenizer", name="char", node=CharTokenizerConfig)
     cs.store(group="schema/tokenizer", name="bpe", node=BPETokenizerConfig)
@@ -119,6 +150,19 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def _on_gpu(gpu_value, cpu_value):
+    """`${lmtrain.on_gpu:a,b}`: a where CUDA is available, else b (presets chosen as `make train` chooses)."""
+    import torch
+
+    return gpu_value if torch.cuda.is_available() else cpu_value
+
+
+if not OmegaConf.has_resolver("lmtrain.on_gpu"):
+    OmegaConf.register_new_resolver("lmtrain.on_gpu", _on_gpu)
+if not OmegaConf.has_resolver("lmtrain.times"):  # `${lmtrain.times:${optim.max_lr},0.1}`: a product
+    OmegaConf.register_new_resolver("lmtrain.times", lambda a, b: float(a) * float(b))
 
 
 def training_block_size(cfg: DictConfig | TrainConfig) -> int:
@@ -161,14 +205,7 @@ def validate(cfg: DictConfig) -> None:
     if "vocab_size" in tok:
         need(tok.vocab_size >= 257, f"tokenizer.vocab_size={tok.vocab_size} must be at least 257 (256 bytes + 1)")
 
-    need(o.name in ("adamw", "muon"), f"optim.name={o.name!r} must be adamw or muon")
-    need(o.max_lr > 0, f"optim.max_lr={o.max_lr} must be positive")
-    need(0 <= o.min_lr <= o.max_lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.max_lr={o.max_lr}")
-    need(
-        0 <= o.warmup_steps <= t.max_steps,
-        f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
-        "lower the warmup or train longer",
-    )
+    problems += schedule_problems(o, t.max_steps)
     need(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
         f"optim.betas={list(o.betas)} must be two values in [0, 1)",
@@ -196,6 +233,27 @@ def validate(cfg: DictConfig) -> None:
     )
     need(c.every_n_steps >= 1, f"checkpoint.every_n_steps={c.every_n_steps} must be at least 1")
     need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def schedule_problems(o, max_steps: int) -> list[str]:
+    """The optimizer settings the schedule depends on (shared by training and `lmtrain.schedule`)."""
+    checks = [
+        (o.name in ("adamw", "muon"), f"optim.name={o.name!r} must be adamw or muon"),
+        (o.max_lr > 0, f"optim.max_lr={o.max_lr} must be positive"),
+        (0 <= o.min_lr <= o.max_lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.max_lr={o.max_lr}"),
+        (
+            0 <= o.warmup_steps <= max_steps,
+            f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={max_steps}; "
+            "lower the warmup or train longer",
+        ),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def validate_schedule(cfg: DictConfig) -> None:
+    problems = schedule_problems(cfg.optim, cfg.trainer.max_steps)
     if problems:
         raise UserError("; ".join(problems))
 

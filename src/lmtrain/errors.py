@@ -39,6 +39,8 @@ def _describe_hydra_error(err: BaseException) -> str:
     if cause is not None and one_line(cause):
         parts.append(one_line(cause).split(" full_key:")[0])
     message = ": ".join(dict.fromkeys(p for p in parts if p))
+    if "hydra/sweeper/optuna" in message:
+        return f"{message} (the Optuna sweeper is an optional extra: pip install -e '.[optuna]')"
     return f"{message} (see the valid keys and values with `--cfg job`)"
 
 

@@ -22,8 +22,8 @@ from .errors import exit_on_user_error, restore_full_error, run_hydra_app
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def train(cfg: DictConfig) -> dict:
-    """One training run from a composed config; returns the callback metrics at the end."""
+def train(cfg: DictConfig) -> float:
+    """One training run from a composed config; returns its best val/loss (what a sweeper minimises)."""
     validate(cfg)
     import lightning as L
 
@@ -38,14 +38,15 @@ def train(cfg: DictConfig) -> dict:
     if ckpt_path is None and cfg.trainer.eval_at_start:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return dict(trainer.callback_metrics)
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    return float(best) if best is not None else float(trainer.callback_metrics.get("val/loss", "nan"))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float:
     restore_full_error()
     with exit_on_user_error():
-        train(cfg)
+        return train(cfg)
 
 
 def main() -> None:

@@ -1,0 +1,106 @@
+"""Sample from a checkpoint: `python -m lmtrain.sample ckpt_path=<run>/checkpoints/best.ckpt [key=value ...]`.
+
+Each prompt at each temperature, streamed token by token, as the lesson's generate_samples prints them.
+The model and the tokenizer both come from the checkpoint; the same seed gives the same text.
+    python -m lmtrain.sample ckpt_path=... prompts='["ROMEO:\\n"]' temperatures='[0.8]' top_p=0.9
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from . import config  # noqa: F401  (registers the schemas)
+from .checkpointing import load_checkpoint
+from .errors import UserError, exit_on_user_error, restore_full_error, run_hydra_app
+from .model import GPT, GPTConfig
+from .tokenizer import from_state
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str | None):
+    """The GPT and the tokenizer a checkpoint was trained with."""
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "model" not in hparams or "tokenizer_state" not in hparams:
+        raise UserError(f"checkpoint {ckpt_path} has no model or tokenizer settings; was it written by lmtrain?")
+    model = GPT(GPTConfig(**hparams["model"]))
+    tokenizer = from_state(hparams["tokenizer_state"], cache_dir, mirror)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"checkpoint {ckpt_path}: its tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} ids) does not fit its "
+            f"model ({model.config.vocab_size} ids); the file mixes two runs, use a checkpoint written by one run"
+        )
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    return model.to(device).eval(), tokenizer
+
+
+def stream_sample(model: GPT, tokenizer, prompt: str, generator: torch.Generator, out=sys.stdout, **options) -> str:
+    """Generate from `prompt`, writing the text as tokens arrive; returns the whole text."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UserError("an empty prompt has no tokens to start from; give each prompt at least one character")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    text = tokenizer.decode(ids)
+    out.write(text)
+    for next_id in model.generate_stream(idx, generator=generator, **options):
+        ids.append(int(next_id))
+        full = tokenizer.decode(ids)
+        if not full.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its other bytes
+            out.write(full[len(text) :])
+            out.flush()
+            text = full
+    return tokenizer.decode(ids)
+
+
+def sample(cfg: DictConfig) -> None:
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    model, tokenizer = load_model(cfg.ckpt_path, device, cfg.cache_dir, cfg.mirror)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    number = 0
+    with autocast:
+        for prompt in cfg.prompts:
+            prompt = prompt.replace("\\n", "\n")
+            print(f"\nPrompt: {prompt!r}")
+            for temperature in cfg.temperatures:
+                for _ in range(cfg.num_samples):
+                    print(f"\n  [temp={temperature}]:")
+                    generator = torch.Generator(device=device).manual_seed(cfg.seed + number)
+                    number += 1
+                    stream_sample(
+                        model,
+                        tokenizer,
+                        prompt,
+                        generator,
+                        max_new_tokens=cfg.max_new_tokens,
+                        temperature=temperature,
+                        top_k=cfg.top_k,
+                        top_p=cfg.top_p,
+                        use_cache=cfg.use_cache,
+                    )
+                    print()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def _hydra_main(cfg: DictConfig) -> None:
+    restore_full_error()
+    with exit_on_user_error():
+        sample(cfg)
+
+
+def main() -> None:
+    run_hydra_app(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""`lmtrain.report` on a multirun and on a single run; the warmup ablation and Optuna sweeps compose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from lmtrain.report import diverged, spikes
+
+from .conftest import CONFIG_DIR, compose, run_cli
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multirun") / "mr"
+    result = run_cli(
+        "lmtrain.train",
+        "-m",
+        "experiment=smoke",
+        "trainer.max_steps=40",
+        "optim.warmup_steps=0,5",
+        f"hydra.sweep.dir={folder}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder
+
+
+def test_multirun_report_has_a_row_per_run_and_a_png(multirun):
+    result = run_cli("lmtrain.report", str(multirun))
+    assert result.returncode == 0, result.stderr
+    table = [line for line in (multirun / "report.md").read_text().splitlines() if line.startswith("| ")]
+    rows = table[1:]
+    assert len(rows) == 2
+    assert "optim.warmup_steps=0" in rows[0] and "optim.warmup_steps=5" in rows[1]
+    assert all("| no |" in row for row in rows)  # neither diverged
+    image = matplotlib.image.imread(multirun / "report.png")
+    assert image.shape[0] > 200 and image.shape[1] > 400
+
+
+def test_single_run_report_remeasures_the_lessons_table_and_checklist(multirun):
+    run = multirun / "0"
+    result = run_cli("lmtrain.report", str(run))
+    assert result.returncode == 0, result.stderr
+    text = (run / "report.md").read_text()
+    assert "| 0 | " in text and "re-measured" in text
+    for check in ("within 2000 steps (nats per token)", "gap < 0.5", "character names"):
+        assert check in text
+    assert ("| pass |" in text) or ("| FAIL |" in text)
+
+
+def test_report_on_an_empty_folder_is_a_clear_error(tmp_path):
+    result = run_cli("lmtrain.report", str(tmp_path))
+    assert result.returncode == 2 and "no runs" in result.stderr
+
+
+def test_spikes_and_divergence_detection():
+    smooth = [(i, 3.0 - i * 0.01) for i in range(30)]
+    spiky = smooth[:20] + [(20, 9.0)] + smooth[21:]
+    assert spikes(smooth) == [] and spikes(spiky) == [20]
+    assert not diverged(smooth) and diverged(smooth + [(30, float("nan"))]) and diverged([(0, 2.0), (1, 5.0)])
+
+
+def test_warmup_ablation_sweeps_the_lessons_grid():
+    cfg = compose("experiment=warmup_ablation")
+    assert cfg.name == "warmup_ablation" and cfg.model.n_layer in (6, 2)  # GPU- or CPU-sized, as make train picks
+    experiment = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / "warmup_ablation.yaml").read_text())
+    assert experiment["hydra"]["sweeper"]["params"] == {"optim.warmup_steps": "200,0", "optim.max_lr": "3e-4,1e-3"}
+
+
+def test_optuna_search_minimises_best_val_loss(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    folder = tmp_path / "optuna"
+    result = run_cli(
+        "lmtrain.train",
+        "-m",
+        "experiment=smoke",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=20",
+        "optim.warmup_steps=int(interval(0,10))",
+        f"hydra.sweep.dir={folder}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"optim.max_lr", "optim.warmup_steps", "model.dropout"}
+    assert 0 < results["best_value"] < 10

@@ -24,6 +24,7 @@ class ModelConfig(GPTConfig):
     vocab_size: int | None = None  # None: the tokenizer's; if set, at least the tokenizer's
     compile: bool = False  # torch.compile the training loss (model forward + cross-entropy)
     compile_mode: str | None = None  # None (default), "reduce-overhead" (CUDA graphs), "max-autotune"
+    loss_chunk_rows: int = 0  # > 0: the head's cross-entropy a slice of rows at a time (saves the logits' memory)
 
 
 @dataclass
@@ -193,6 +194,11 @@ def validate(cfg: DictConfig) -> None:
         "model.rope needs an even head size (n_embd / n_head)",
     )
     need(m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1")
+    need(m.loss_chunk_rows >= 0, f"model.loss_chunk_rows={m.loss_chunk_rows} must be 0 (off) or positive")
+    need(
+        m.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        f"model.compile_mode={m.compile_mode!r} must be null, default, reduce-overhead or max-autotune",
+    )
     need(
         d.block_size is None or 1 <= d.block_size <= m.block_size,
         f"data.block_size={d.block_size} is above the model's context model.block_size={m.block_size}; "

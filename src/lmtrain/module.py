@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -41,6 +42,7 @@ class LanguageModel(L.LightningModule):
         chars_per_token: dict,
         compile: bool = False,
         compile_mode: str | None = None,
+        loss_chunk_rows: int = 0,
         tokenizer=None,
     ):
         super().__init__()
@@ -48,8 +50,10 @@ class LanguageModel(L.LightningModule):
         self.model = GPT(GPTConfig(**model))
         self.optim_config = OptimConfig(**optim)
         self.tokenizer = tokenizer
+        loss = partial(self.model.loss, chunk_rows=loss_chunk_rows)
         # The compiled loss is kept out of the module tree: checkpoints hold plain `model.` keys.
-        self.train_loss = torch.compile(self.model.loss, mode=compile_mode) if compile else self.model.loss
+        self.train_loss = torch.compile(loss, mode=compile_mode) if compile else loss
+        self._cudagraphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
         self._rng_to_restore = None
 
     # --- training -------------------------------------------------------------------------------
@@ -63,21 +67,33 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self._cudagraphs:  # each micro-batch is a new iteration: earlier graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         loss = self.train_loss(x, y)
         self._loss_sum += loss.detach()
         return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        accumulate = self.trainer.accumulate_grad_batches
-        self.log("train/loss", self._loss_sum / accumulate, on_step=True, on_epoch=False)
-        self._loss_sum = torch.zeros((), device=self.device)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Clipping here rather than through the precision plugin lets fused AdamW clip under bf16
         # (Lightning refuses to clip for optimizers that unscale internally; bf16 has nothing to unscale).
         max_norm = gradient_clip_val if gradient_clip_val else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self._log_train_step(norm)
+
+    def _log_train_step(self, grad_norm: torch.Tensor) -> None:
+        """train/loss (the mean over this step's micro-batches) and train/grad_norm, every
+        log_every_n_steps: only then are they read (one host sync), written straight to the loggers at
+        x = updates made before this step, as the validation metrics."""
+        step = self.global_step
+        if step % self.trainer.log_every_n_steps == 0:
+            metrics = {
+                "train/loss": self._loss_sum / self.trainer.accumulate_grad_batches,
+                "train/grad_norm": grad_norm,
+            }
+            values = {name: float(value) for name, value in metrics.items()}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=step)
+        self._loss_sum.zero_()
 
     # --- evaluation -----------------------------------------------------------------------------
     EVAL_SPLITS = ("val", "train")  # the order of the data module's val_dataloader()

@@ -1,4 +1,5 @@
-"""Optimizers: AdamW with weight decay on matrices only (nanoGPT's grouping)."""
+"""Optimizers: AdamW with weight decay on matrices only (nanoGPT's grouping), and Muon for the hidden
+matrices with AdamW for the rest, stepped together as one optimizer."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class OptimConfig:
     weight_decay: float = 0.1
     eps: float = 1e-8
     fused: bool | None = None  # None: fused on CUDA where the precision allows it, else foreach
+    muon_lr: float = 0.02  # optim=muon: peak lr of the hidden 2-D weights (scaled by the schedule too)
+    muon_momentum: float = 0.95
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -30,11 +33,84 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    if config.name == "muon":
+        return build_muon(model, config, fused)
+    return _adamw(param_groups(model, config.weight_decay), config, fused)
+
+
+def _adamw(groups: list[dict], config: OptimConfig, fused: bool) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, config.weight_decay),
+        groups,
         lr=config.max_lr,
         betas=tuple(config.betas),
         eps=config.eps,
         fused=fused or None,
         foreach=None if fused else True,
     )
+
+
+def build_muon(model: nn.Module, config: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    """Muon (torch.optim.Muon) for the blocks' 2-D weights; AdamW for the embedding/head and the gains."""
+    if not hasattr(torch.optim, "Muon"):
+        from .errors import UserError
+
+        raise UserError(f"optim=muon needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__})")
+    hidden = [p for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("blocks.")]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+    adamw = _adamw(
+        [
+            {"name": "adamw_decay", "params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"name": "adamw_no_decay", "params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        config,
+        fused,
+    )
+    muon = torch.optim.Muon(
+        [{"name": "muon", "params": hidden}],
+        lr=config.muon_lr,
+        momentum=config.muon_momentum,
+        weight_decay=config.weight_decay,
+    )
+    return Combined([muon, adamw])
+
+
+class Combined(torch.optim.Optimizer):
+    """Several optimizers stepped as one: what Lightning's automatic optimization and a LambdaLR expect.
+
+    Its param_groups are the sub-optimizers' own group dicts, so a scheduler's lr reaches them.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {k: v for o in self.optimizers for k, v in o.state.items()}
+
+    @state.setter
+    def state(self, value) -> None:  # set by Optimizer.__init__; the sub-optimizers own the state
+        pass
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for optimizer, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            optimizer.load_state_dict(state)

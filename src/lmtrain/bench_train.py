@@ -1,0 +1,208 @@
+"""`python -m lmtrain.bench train [--raw] [--steps N] [--warmup N] [--out FILE] [training overrides ...]`
+
+Times optimizer steps of the real training path: our data module, LightningModule and Trainer, built
+from the same config as `lmtrain.train` (evaluation, sampling and checkpoints left out: they are not
+per-step work), stopped after --warmup + --steps optimizer steps of the configured schedule. `--raw`
+times the same model, data, loss and optimizer in a minimal hand-written loop, so the harness's own
+overhead is the difference. The device is synchronised only at the start and the
+end of the timed window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+from . import build
+from .config import training_block_size, validate
+from .errors import UserError
+
+FLOAT_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmtrain.bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--raw", action="store_true", help="a minimal hand-written loop instead of the Trainer")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (GPU 50, CPU 20)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile; GPU 10, CPU 3)")
+    parser.add_argument("--out", help="also write the results as JSON")
+    return parser.parse_known_args(argv)
+
+
+def compose_config(overrides: list[str], output_dir: str):
+    from hydra import compose, initialize_config_dir
+
+    from .train import CONFIG_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return compose(config_name="train", overrides=[*overrides, f"output_dir={output_dir}"])
+
+
+def flops_per_token(model) -> int:
+    """6N + 12·L·H·Q·T: N the parameters without the position table (the tied head counted once)."""
+    c = model.config
+    n = model.num_params() - (model.wpe.weight.numel() if model.wpe is not None else 0)
+    return 6 * n + 12 * c.n_layer * c.n_head * c.head_size * c.block_size
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, FLOAT_DTYPES.get(precision, torch.float32)) if device.type == "cuda" else None
+
+
+class _StepTimer:
+    """Synchronises once at the end of warm-up and once at the end of the timed steps."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.start_time = time.perf_counter()
+        self.window: list[float] = []
+
+    def after_step(self, step: int) -> None:  # step: optimizer steps completed
+        if step in (self.warmup, self.warmup + self.steps) and len(self.window) < 2:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.window.append(time.perf_counter())
+
+    def result(self) -> tuple[float, float]:
+        """(seconds per step, seconds before the timed window: start-up, compile and warm-up)"""
+        return (self.window[1] - self.window[0]) / self.steps, self.window[0] - self.start_time
+
+
+def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, object]:
+    from lightning.pytorch.callbacks import Callback
+
+    datamodule = build.build_datamodule(cfg)
+    datamodule.prepare_data()
+    module = build.build_module(cfg, datamodule)
+    periodic = ("best_checkpoint", "periodic_checkpoint", "sample_text", "summary")
+    callbacks = [c for name, c in zip(cfg.callbacks, build.build_callbacks(cfg)) if name not in periodic]
+    trainer = build.build_trainer(cfg, callbacks, build.build_logger(cfg))
+    device = trainer.strategy.root_device
+    timer = _StepTimer(warmup, steps, device)
+
+    class Timing(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            timer.after_step(trainer.global_step)
+            if trainer.global_step >= warmup + steps:
+                trainer.should_stop = True
+
+    trainer.callbacks.append(Timing())
+    timer.start_time = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return *timer.result(), module.model
+
+
+def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, object]:
+    """The same model, windows, loss, clipping, optimizer and schedule, in the plainest loop."""
+    from .data.windows import RandomWindows
+    from .lr_schedule import warmup_cosine
+    from .module import FUSED_PRECISIONS
+    from .optim import OptimConfig, build_optimizer
+
+    start = time.perf_counter()
+    build.check_precision(cfg)
+    torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    datamodule = build.build_datamodule(cfg)
+    datamodule.prepare_data()
+    module = build.build_module(cfg, datamodule)
+    model = module.model.to(device)
+    ids = torch.from_numpy(datamodule.corpus.train_ids.astype("int32")).to(device)
+    accumulate = build.accumulation(cfg)
+    windows = RandomWindows(ids, training_block_size(cfg), cfg.trainer.batch_size, cfg.seed, 0, 0, lambda: 0)
+    optim = OptimConfig(**build.to_container(cfg.optim))
+    precision = cfg.trainer.precision
+    fused = optim.fused if optim.fused is not None else device.type == "cuda" and precision in FUSED_PRECISIONS
+    optimizer = build_optimizer(model, optim, fused=fused)
+    scheduler = warmup_cosine(
+        optimizer,
+        warmup_steps=optim.warmup_steps,
+        max_steps=cfg.trainer.max_steps,
+        max_lr=optim.max_lr,
+        min_lr=optim.min_lr,
+    )
+    dtype = FLOAT_DTYPES.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    clip = cfg.trainer.gradient_clip_val or math.inf
+    timer = _StepTimer(warmup, steps, device)
+    timer.start_time = start
+    model.train()
+    batch = 0
+    for step in range(1, warmup + steps + 1):
+        for _ in range(accumulate):
+            x, y = windows.batch(batch)
+            batch += 1
+            if module._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast:
+                loss = module.train_loss(x, y)
+            scaler.scale(loss / accumulate).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.after_step(step)
+    return *timer.result(), model
+
+
+def bench_train(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    args, overrides = parse(argv)
+    on_gpu = torch.cuda.is_available()
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 3)
+    steps = args.steps if args.steps is not None else (50 if on_gpu else 20)
+    with tempfile.TemporaryDirectory() as output_dir:
+        # the configured schedule and run length stay; no evaluation falls inside the measured steps
+        cfg = compose_config([*overrides, "trainer.eval_interval=1000000", "trainer.eval_at_start=false"], output_dir)
+        if cfg.trainer.max_steps < warmup + steps:
+            raise UserError(
+                f"trainer.max_steps={cfg.trainer.max_steps} is below the {warmup} + {steps} steps to "
+                "run; lower --warmup/--steps or raise trainer.max_steps"
+            )
+        validate(cfg)
+        torch.cuda.reset_peak_memory_stats() if on_gpu else None
+        seconds, before, model = (run_raw if args.raw else run_lightning)(cfg, warmup, steps)
+    device = next(model.parameters()).device
+    tokens = build.tokens_per_step(cfg)
+    peak = peak_flops(device, cfg.trainer.precision)
+    per_token = flops_per_token(model)
+    result = {
+        "path": "raw loop" if args.raw else "Lightning Trainer",
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": cfg.trainer.precision,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "tokens_per_step": tokens,
+        "ms_per_step": seconds * 1e3,
+        "tokens_per_s": tokens / seconds,
+        "flops_per_token": per_token,
+        "peak_flops": peak,
+        "mfu": per_token * tokens / seconds / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "startup_compile_warmup_s": before,
+    }
+    mfu = (
+        f"MFU {result['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s"
+        if peak
+        else "MFU n/a (no peak FLOP/s known for the CPU)"
+    )
+    memory = f", peak memory {result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None else ""
+    print(
+        f"bench train ({result['path']}) {' '.join(overrides)} on {result['device']}: "
+        f"{result['ms_per_step']:.2f} ms/step, {result['tokens_per_s']:,.0f} tokens/s, {mfu}{memory}, "
+        f"start-up+compile+warm-up {before:.1f} s, {steps} timed steps of {tokens:,} tokens",
+        flush=True,
+    )
+    return args, result

@@ -77,7 +77,7 @@ class _StepTimer:
         return (self.window[1] - self.window[0]) / self.steps, self.window[0] - self.start_time
 
 
-def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, object]:
+def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module, torch.device]:
     from lightning.pytorch.callbacks import Callback
 
     datamodule = build.build_datamodule(cfg)
@@ -86,10 +86,12 @@ def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, object]:
     periodic = ("best_checkpoint", "periodic_checkpoint", "sample_text", "summary")
     callbacks = [c for name, c in zip(cfg.callbacks, build.build_callbacks(cfg)) if name not in periodic]
     trainer = build.build_trainer(cfg, callbacks, build.build_logger(cfg))
-    device = trainer.strategy.root_device
-    timer = _StepTimer(warmup, steps, device)
+    timer = _StepTimer(warmup, steps, torch.device("cpu"))
 
     class Timing(Callback):
+        def on_train_start(self, trainer, pl_module):
+            timer.device = pl_module.device  # known once the strategy has placed the model
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             timer.after_step(trainer.global_step)
             if trainer.global_step >= warmup + steps:
@@ -98,10 +100,10 @@ def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, object]:
     trainer.callbacks.append(Timing())
     timer.start_time = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
-    return *timer.result(), module.model
+    return *timer.result(), module.model, timer.device
 
 
-def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, object]:
+def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module, torch.device]:
     """The same model, windows, loss, clipping, optimizer and schedule, in the plainest loop."""
     from .data.windows import RandomWindows
     from .lr_schedule import warmup_cosine
@@ -154,7 +156,7 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, object]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         timer.after_step(step)
-    return *timer.result(), model
+    return *timer.result(), model, device
 
 
 def bench_train(argv: list[str]) -> tuple[argparse.Namespace, dict]:
@@ -172,8 +174,7 @@ def bench_train(argv: list[str]) -> tuple[argparse.Namespace, dict]:
             )
         validate(cfg)
         torch.cuda.reset_peak_memory_stats() if on_gpu else None
-        seconds, before, model = (run_raw if args.raw else run_lightning)(cfg, warmup, steps)
-    device = next(model.parameters()).device
+        seconds, before, model, device = (run_raw if args.raw else run_lightning)(cfg, warmup, steps)
     tokens = build.tokens_per_step(cfg)
     peak = peak_flops(device, cfg.trainer.precision)
     per_token = flops_per_token(model)

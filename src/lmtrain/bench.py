@@ -156,6 +156,52 @@ def _print_tokenizer_table(results: dict) -> None:
     console.print(encode)
 
 
+# --- generation -----------------------------------------------------------------------------------
+def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    """Tokens/s of sampling one block with and without the KV cache (random weights: speed only)."""
+    import torch
+
+    from .bench_train import compose_config
+    from .build import model_arguments
+    from .model import GPT, GPTConfig
+
+    parser = argparse.ArgumentParser(prog="python -m lmtrain.bench generate")
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--out")
+    args, overrides = parser.parse_known_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(overrides, tmp)
+    model = GPT(GPTConfig(**model_arguments(cfg, args.vocab))).to(device).eval()
+    new_tokens = model.config.block_size - 1
+    prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "batch": args.batch,
+        "new_tokens": new_tokens,
+        "overrides": overrides,
+    }
+    for cache in (True, False):
+
+        def generate(cache=cache):
+            with autocast:
+                model.generate(prompt, new_tokens, temperature=1.0, top_k=40, use_cache=cache)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        seconds = best_time(generate, 3)
+        results[f"tokens_per_s_{'cache' if cache else 'no_cache'}"] = args.batch * new_tokens / seconds
+    speedup = results["tokens_per_s_cache"] / results["tokens_per_s_no_cache"]
+    print(
+        f"generate {new_tokens} tokens x {args.batch} on {results['device']}: with KV cache "
+        f"{results['tokens_per_s_cache']:,.0f} tokens/s, without {results['tokens_per_s_no_cache']:,.0f} tokens/s "
+        f"({speedup:.1f}x)"
+    )
+    return args, results
+
+
 def tokenizer_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmtrain.bench tokenizer")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024, 4096, 8192])
@@ -167,7 +213,7 @@ def tokenizer_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("tokenizer", "train"):
+    if not argv or argv[0] not in ("tokenizer", "train", "generate"):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     from .errors import exit_on_user_error
@@ -176,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] == "tokenizer":
             args = tokenizer_parser().parse_args(argv[1:])
             results = bench_tokenizer(args)
+        elif argv[0] == "generate":
+            args, results = bench_generate(argv[1:])
         else:
             from .bench_train import bench_train
 

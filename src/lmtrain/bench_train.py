@@ -66,8 +66,8 @@ class _StepTimer:
         self.start_time = time.perf_counter()
         self.window: list[float] = []
 
-    def after_step(self, step: int) -> None:  # step: optimizer steps completed
-        if step in (self.warmup, self.warmup + self.steps) and len(self.window) < 2:
+    def after_step(self, step: int) -> None:  # step: optimizer steps completed (repeats while accumulating)
+        if step == (self.warmup, self.warmup + self.steps)[min(len(self.window), 1)] and len(self.window) < 2:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.window.append(time.perf_counter())
@@ -139,6 +139,9 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     timer = _StepTimer(warmup, steps, device)
     timer.start_time = start
     model.train()
+    if module._cudagraphs:  # as LanguageModel does: gradients accumulate in place in our own buffers
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
     batch = 0
     for step in range(1, warmup + steps + 1):
         for _ in range(accumulate):
@@ -154,7 +157,7 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not module._cudagraphs)
         timer.after_step(step)
     return *timer.result(), model, device
 

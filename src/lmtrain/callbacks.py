@@ -93,6 +93,7 @@ class RunSummary(Callback):
     def __init__(self, path: str):
         self.path = Path(path)
         self.best = {"val_loss": math.inf}
+        self.eval_s = 0.0  # evaluation, sampling and best checkpoints, within fit
         self._start: tuple[float, int] | None = None
 
     def state_dict(self) -> dict:
@@ -104,7 +105,13 @@ class RunSummary(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = (time.perf_counter(), trainer.global_step)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_start = time.perf_counter()
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs after the checkpoint and sample callbacks listed before it: their time counts as evaluation
+        if self._start is not None:
+            self.eval_s += time.perf_counter() - self._eval_start
         metrics = trainer.callback_metrics
         if trainer.sanity_checking or "val/loss" not in metrics:
             return
@@ -139,6 +146,7 @@ class RunSummary(Callback):
             "steps": trainer.global_step,
             "tokens_per_s": (trainer.global_step - start_step) * tokens_per_step(trainer) / max(wall, 1e-9),
             "wall_s": wall,
+            "eval_s": self.eval_s,
             "best_ckpt": best_ckpt or None,
         }
         atomic_write_bytes(self.path, (json.dumps(summary, indent=2) + "\n").encode())

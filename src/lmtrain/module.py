@@ -59,6 +59,15 @@ class LanguageModel(L.LightningModule):
     # --- training -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
+        if self._cudagraphs:  # see optimizer_zero_grad
+            for p in self.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # Under CUDA graphs the gradients must stay our own buffers, accumulated in place: a gradient
+        # set from None would be the graph's output buffer, which the next micro-batch overwrites.
+        optimizer.zero_grad(set_to_none=not self._cudagraphs)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # first step after a resume: continue the saved RNG streams

@@ -84,6 +84,7 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
         compile=cfg.model.compile,
         compile_mode=cfg.model.compile_mode,
         loss_chunk_rows=cfg.model.loss_chunk_rows,
+        max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         tokenizer=corpus.tokenizer,
     )
 

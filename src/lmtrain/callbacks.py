@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -151,3 +153,65 @@ class RunSummary(Callback):
         }
         atomic_write_bytes(self.path, (json.dumps(summary, indent=2) + "\n").encode())
         print("summary: " + json.dumps(summary), flush=True)
+
+
+class StopOnSignal(Callback):
+    """SIGTERM or Ctrl-C: finish the optimizer step in progress, save a full checkpoint, stop cleanly and say
+    how to resume. A second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if self.received is None or not at_step_boundary or trainer.should_stop:
+            return
+        path = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
+        trainer.save_checkpoint(path)
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            print(
+                f"\nstopped by {signal.Signals(self.received).name} after step {trainer.global_step}: "
+                f"checkpoint {path}\nresume with: {resume_command()}",
+                flush=True,
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def resume_command() -> str:
+    """The command line that continues this run in its own folder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+        overrides = [o for o in hydra.overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+        return " ".join(
+            ["python -m lmtrain.train", *overrides, f"hydra.run.dir={hydra.runtime.output_dir}", "ckpt_path=last"]
+        )
+    except ValueError:  # not under Hydra (tests, the benchmark)
+        return "python -m lmtrain.train <the same overrides> hydra.run.dir=<this run's folder> ckpt_path=last"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -31,7 +29,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint {path} does not exist; {_good_ones(path.parent)}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways inside the unpickler
+        if isinstance(err, UserError):
+            raise
         raise UserError(
             f"checkpoint {path} is truncated or not a checkpoint ({type(err).__name__}); "
             f"{_good_ones(path.parent, exclude=path)}"
@@ -48,6 +48,28 @@ def _good_ones(folder: Path, exclude: Path | None = None) -> str:
     if not others:
         return "start a new run without ckpt_path"
     return "resume from another checkpoint, e.g. ckpt_path=" + str(others[-1])
+
+
+def newest_matching_run(cfg, outputs: Path) -> Path | None:
+    """The newest run folder under `outputs` whose recorded config equals `cfg` (ckpt_path and output_dir
+    aside) and which holds a checkpoint: what `ckpt_path=last` resumes without `hydra.run.dir`."""
+    from omegaconf import OmegaConf
+
+    def comparable(config) -> dict:
+        tree = OmegaConf.to_container(config, resolve=False)
+        return {k: v for k, v in tree.items() if k not in ("ckpt_path", "output_dir", "hydra")}
+
+    wanted = comparable(cfg)
+    runs = [
+        p.parent.parent for p in outputs.glob("**/.hydra/config.yaml") if (p.parent.parent / CHECKPOINT_DIR).is_dir()
+    ]
+    for run in sorted(runs, key=lambda r: (r / CHECKPOINT_DIR).stat().st_mtime, reverse=True):
+        if (
+            any((run / CHECKPOINT_DIR).glob("*.ckpt"))
+            and comparable(OmegaConf.load(run / ".hydra/config.yaml")) == wanted
+        ):
+            return run
+    return None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:

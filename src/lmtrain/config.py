@@ -85,6 +85,7 @@ class TrainerConfig:
     eval_batches: int | None = 20  # None: one fixed full pass over each split
     eval_at_start: bool = True  # evaluate (and sample) before the first step
     log_every_n_steps: int = 50
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     matmul_precision: str = "high"  # "high": TF32 matmuls on Ampere and newer
 
 
@@ -218,7 +219,15 @@ def validate(cfg: DictConfig) -> None:
     )
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative")
 
-    positive = ("max_steps", "batch_size", "accumulate_grad_batches", "eval_interval", "log_every_n_steps", "num_nodes")
+    positive = (
+        "max_steps",
+        "batch_size",
+        "accumulate_grad_batches",
+        "eval_interval",
+        "log_every_n_steps",
+        "num_nodes",
+        "max_nonfinite_steps",
+    )
     for key in positive:
         need(t[key] >= 1, f"trainer.{key}={t[key]} must be at least 1")
     need(

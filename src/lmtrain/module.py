@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from functools import partial
 
 import lightning as L
@@ -31,6 +32,10 @@ ARCHITECTURE = (
 FUSED_PRECISIONS = {"bf16-mixed", "bf16-true", "32-true", "32"}  # no GradScaler that must unscale first
 
 
+class SkippedStep(Exception):
+    """Raised inside the optimizer's closure to leave the weights untouched this step."""
+
+
 class LanguageModel(L.LightningModule):
     def __init__(
         self,
@@ -43,6 +48,7 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
         compile_mode: str | None = None,
         loss_chunk_rows: int = 0,
+        max_nonfinite_steps: int = 10,
         tokenizer=None,
     ):
         super().__init__()
@@ -59,6 +65,8 @@ class LanguageModel(L.LightningModule):
     # --- training -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
+        self._nonfinite = torch.zeros(2, device=self.device)
+        self._recent_losses: list[float] = []
         if self._cudagraphs:  # see optimizer_zero_grad
             for p in self.parameters():
                 if p.grad is None:
@@ -87,22 +95,65 @@ class LanguageModel(L.LightningModule):
         # (Lightning refuses to clip for optimizers that unscale internally; bf16 has nothing to unscale).
         max_norm = gradient_clip_val if gradient_clip_val else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        bad = ~torch.isfinite(norm)
+        self._nonfinite += torch.stack((bad, bad)).float()  # (total, in a row)
+        self._nonfinite[1] *= bad
         self._log_train_step(norm)
+        if str(self.trainer.precision) != "16-mixed":  # under fp16 the GradScaler skips such steps itself
+            self._skip_update_if(bad, optimizer)
+
+    def _skip_update_if(self, bad: torch.Tensor, optimizer) -> None:
+        """A non-finite loss or gradient must not reach the weights: fused AdamW skips its update on the
+        device (found_inf, as under a GradScaler: no host sync); other optimizers are asked on the host."""
+        if getattr(optimizer, "defaults", {}).get("fused"):
+            optimizer.found_inf = bad.float().reshape(1)
+        elif bad.item():
+            self._check_nonfinite_streak()
+            raise SkippedStep
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        try:
+            optimizer.step(closure=optimizer_closure)
+        except SkippedStep:
+            pass  # the gradients are zeroed before the next step, the schedule moves on
+
+    def _check_nonfinite_streak(self) -> None:
+        total, streak = (int(v) for v in self._nonfinite.tolist())
+        limit = self.hparams.max_nonfinite_steps
+        if streak >= limit:
+            raise UserError(
+                f"{streak} optimizer steps in a row (up to step {self.global_step}) had a non-finite loss or "
+                f"gradient and were skipped ({total} in all; the limit is trainer.max_nonfinite_steps={limit}); "
+                "the weights are those of the last finite step and the checkpoints are kept: resume from one with a "
+                "lower optim.max_lr, more warmup, or precision=bf16"
+            )
 
     def _log_train_step(self, grad_norm: torch.Tensor) -> None:
-        """train/loss (the mean over this step's micro-batches) and train/grad_norm, every
-        log_every_n_steps: only then are they read (one host sync), written straight to the loggers at
-        x = updates made before this step, as the validation metrics."""
+        """train/loss (the mean over this step's micro-batches), train/grad_norm and the count of skipped
+        non-finite steps, every log_every_n_steps: only then are they read (one host sync), written straight
+        to the loggers at x = updates made before this step, as the validation metrics."""
         step = self.global_step
         if step % self.trainer.log_every_n_steps == 0:
-            metrics = {
-                "train/loss": self._loss_sum / self.trainer.accumulate_grad_batches,
-                "train/grad_norm": grad_norm,
+            loss = float(self._loss_sum / self.trainer.accumulate_grad_batches)
+            values = {
+                "train/loss": loss,
+                "train/grad_norm": float(grad_norm),
+                "train/nonfinite_steps": float(self._nonfinite[0]),
             }
-            values = {name: float(value) for name, value in metrics.items()}
+            if self._is_spike(loss):
+                values["train/loss_spike"] = loss
             for logger in self.loggers:
                 logger.log_metrics(values, step=step)
+            self._check_nonfinite_streak()
         self._loss_sum.zero_()
+
+    def _is_spike(self, loss: float, window: int = 10, factor: float = 1.3) -> bool:
+        """Above `factor` times the median of the last `window` logged losses (the report's rule)."""
+        recent = self._recent_losses
+        spike = len(recent) == window and math.isfinite(loss) and loss > factor * statistics.median(recent)
+        recent.append(loss)
+        del recent[:-window]
+        return spike
 
     # --- evaluation -----------------------------------------------------------------------------
     EVAL_SPLITS = ("val", "train")  # the order of the data module's val_dataloader()

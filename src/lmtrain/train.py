@@ -15,9 +15,9 @@ import hydra
 from omegaconf import DictConfig
 
 from . import build
-from .checkpointing import resolve_ckpt_path
+from .checkpointing import newest_matching_run, resolve_ckpt_path
 from .config import validate
-from .errors import exit_on_user_error, restore_full_error, run_hydra_app
+from .errors import UserError, exit_on_user_error, restore_full_error, run_hydra_app
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -27,6 +27,8 @@ def train(cfg: DictConfig) -> float:
     validate(cfg)
     import lightning as L
 
+    if cfg.ckpt_path == "last":
+        cfg.output_dir = str(run_to_resume(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build.build_datamodule(cfg)
     datamodule.prepare_data()
@@ -40,6 +42,23 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(best) if best is not None else float(trainer.callback_metrics.get("val/loss", "nan"))
+
+
+def run_to_resume(cfg: DictConfig) -> Path:
+    """ckpt_path=last: the folder given by hydra.run.dir, else the newest run under outputs/ with this config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra):
+        return Path(cfg.output_dir)
+    found = newest_matching_run(cfg, Path(hydra_cfg.runtime.cwd) / "outputs")
+    if found is None:
+        raise UserError(
+            "ckpt_path=last found no earlier run with this config under outputs/; give its folder with "
+            "hydra.run.dir=<run> or a file with ckpt_path=<file>"
+        )
+    print(f"resuming {found}: the newest run with this config", flush=True)
+    return found
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -1,0 +1,233 @@
+"""Faults that must never cost a run: kills, signals, full disks, broken files, non-finite losses, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra.errors import HydraException
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf.errors import OmegaConfBaseException
+
+from lmtrain.checkpointing import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
+from lmtrain.errors import UserError
+from lmtrain.fileio import atomic_write_bytes
+from lmtrain.tokenizer.bpe import BPETokenizer
+from lmtrain.train import train
+
+from .conftest import REPO, compose, scalars, smoke
+
+ARGS = ["trainer.max_steps=240", "checkpoint.every_n_steps=20", "trainer.eval_interval=40"]
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def start(run_dir, *overrides):
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmtrain.train", "experiment=smoke", f"hydra.run.dir={run_dir}", *ARGS, *overrides],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_checkpoints(run_dir, count: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (
+            len(list((run_dir / "checkpoints").glob("step-*.ckpt"))) >= count
+            if (run_dir / "checkpoints").is_dir()
+            else False
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_killed_three_times_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    smoke(reference, *ARGS)
+    run = tmp_path / "killed"
+    rng = random.Random(7)
+    seen = 0
+    for _ in range(3):
+        process = start(run, *(["ckpt_path=last"] if seen else []))
+        seen += 1
+        wait_for_checkpoints(run, seen)
+        time.sleep(rng.uniform(0.0, 1.5))  # anywhere: mid-step, mid-evaluation or mid-write
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    smoke(run, *ARGS, "ckpt_path=last")
+    a, b = weights(reference), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for tag in ("train/loss", "val/loss"):
+        assert scalars(reference)[tag] == sorted(set(scalars(run)[tag])), tag
+
+
+def test_sigterm_saves_a_checkpoint_stops_cleanly_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lmtrain.train", "experiment=smoke", f"hydra.run.dir={run}", "trainer.max_steps=5000"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    wait_for_checkpoints(run, 1)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert "stopped by SIGTERM after step" in out and "resume with: python -m lmtrain.train" in out
+    step = load_checkpoint(resolve_ckpt_path("last", run))["global_step"]
+    smoke(run, "trainer.max_steps=5000", "ckpt_path=last", "trainer.max_steps=" + str(step + 10))
+    assert json.loads((run / "summary.json").read_text())["steps"] == step + 10
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "optimizer_states": []}, target)
+
+    def crash(f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    from lmtrain.fileio import atomic_write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash)
+    # a SIGKILL leaves the temporary file behind: it is never taken for a checkpoint
+    (tmp_path / ".step-000020.ckpt.tmp-999").write_bytes(b"garbage")
+    assert torch.equal(load_checkpoint(target)["state_dict"]["w"], torch.ones(3))
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    os.replace(target, folder / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("last", folder).endswith("last.ckpt")
+
+
+def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    target = tmp_path / "step-000020.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, target)
+    before = target.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(UserError, match="free some disk space.*previous file is intact"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
+    assert target.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [target]  # no temporary file left
+
+
+def run_in_process(tmp_path, *overrides):
+    cfg = compose(
+        "experiment=smoke",
+        f"output_dir={tmp_path}",
+        "trainer.max_steps=30",
+        "trainer.eval_interval=10",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "trainer.log_every_n_steps=1",
+        *overrides,
+    )
+    return train(cfg)
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
+    from lmtrain import module as module_lib
+
+    original = module_lib.LanguageModel.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step in (12, 20) else loss
+
+    monkeypatch.setattr(module_lib.LanguageModel, "training_step", poisoned)
+    run_in_process(tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    counts = dict(scalars(tmp_path)["train/nonfinite_steps"])
+    assert counts[11] == 0 and counts[12] == 1 and counts[20] == 2 and counts[29] == 2
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
+    from lmtrain import module as module_lib
+
+    original = module_lib.LanguageModel.training_step
+    monkeypatch.setattr(
+        module_lib.LanguageModel,
+        "training_step",
+        lambda self, b, i: original(self, b, i) * (float("inf") if self.global_step >= 22 else 1.0),
+    )
+    with pytest.raises(UserError, match="3 optimizer steps in a row.*max_nonfinite_steps=3"):
+        run_in_process(tmp_path, "trainer.max_nonfinite_steps=3")
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 20  # the last good checkpoint is kept
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+
+
+VALUES = st.one_of(
+    st.integers(-3, 300), st.floats(-1.0, 2.0, allow_nan=False), st.sampled_from(["abc", "null", "1e-3"])
+)
+KEYS = [
+    "model.n_layer",
+    "model.n_head",
+    "model.n_embd",
+    "model.block_size",
+    "model.dropout",
+    "optim.max_lr",
+    "optim.min_lr",
+    "optim.warmup_steps",
+    "trainer.batch_size",
+    "trainer.accumulate_grad_batches",
+    "trainer.eval_batches",
+    "data.val_fraction",
+    "trainer.gradient_clip_val",
+    "model.mlp",
+]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(KEYS), VALUES, min_size=1, max_size=3))
+def test_any_override_trains_or_is_refused_with_a_user_error(tmp_path_factory, overrides):
+    args = [f"{k}={v}" for k, v in overrides.items()]
+    try:
+        run_in_process(tmp_path_factory.mktemp("prop"), *args, "trainer.max_steps=3", "trainer.eval_batches=1")
+    except (UserError, HydraException, OmegaConfBaseException) as err:
+        assert str(err).strip()  # refused, with a message (the CLI prints it as one line, exit 2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_damaged_tokenizer_and_checkpoint_files_are_user_errors(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("damaged")
+    tokenizer = BPETokenizer([(104, 101), (116, 104)], "gpt2", {"<|endoftext|>": 258})
+    tokenizer_file = tokenizer.save(folder / "tok.json")
+    checkpoint_file = folder / "x.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(4.0)}, "global_step": 3}, checkpoint_file)
+    for path, load in ((tokenizer_file, BPETokenizer.load), (checkpoint_file, load_checkpoint)):
+        raw = bytearray(path.read_bytes())
+        cut = data.draw(st.integers(0, len(raw)))
+        flips = data.draw(st.lists(st.integers(0, max(0, cut - 1)), max_size=4)) if cut else []
+        damaged = raw[:cut]
+        for i in flips:
+            damaged[i] ^= 0xFF
+        atomic_write_bytes(path, bytes(damaged))
+        try:
+            load(path)
+        except UserError as err:
+            assert str(path) in str(err) or "tokenizer" in str(err)

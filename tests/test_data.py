@@ -97,13 +97,22 @@ def test_windows_are_shifted_by_one():
 
 def test_random_windows_depend_only_on_seed_rank_and_index():
     ids = torch.arange(1000, dtype=torch.int32)
-    make = lambda rank, first: RandomWindows(ids, 16, 4, seed=7, rank=rank, num_batches=10, first_batch=lambda: first)
-    full = list(make(0, 0))
-    resumed = list(make(0, 6))
+
+    def make(first, rank=0, world=1, batch=4):
+        return RandomWindows(
+            ids, 16, batch, seed=7, num_batches=10, first_batch=lambda: first, rank=rank, world_size=world
+        )
+
+    full = list(make(0))
+    resumed = list(make(6))
     assert len(full) == 10 and len(resumed) == 4
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[6:], resumed))
-    other_rank = list(make(1, 0))
-    assert not torch.equal(full[0][0], other_rank[0][0])
+    # two ranks of 2 see the two halves of what one process of 4 sees
+    one = list(make(0, batch=4, world=1))
+    halves = [list(make(0, rank=r, world=2, batch=2)) for r in (0, 1)]
+    for step in range(10):
+        assert torch.equal(torch.cat([halves[0][step][0], halves[1][step][0]]), one[step][0])
+    assert not torch.equal(halves[0][0][0], halves[1][0][0])
 
 
 def test_full_pass_covers_the_split_once():

@@ -120,7 +120,7 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     model = module.model.to(device)
     ids = torch.from_numpy(datamodule.corpus.train_ids.astype("int32")).to(device)
     accumulate = build.accumulation(cfg)
-    windows = RandomWindows(ids, training_block_size(cfg), cfg.trainer.batch_size, cfg.seed, 0, 0, lambda: 0)
+    windows = RandomWindows(ids, training_block_size(cfg), cfg.trainer.batch_size, cfg.seed, 0, lambda: 0)
     optim = OptimConfig(**build.to_container(cfg.optim))
     precision = cfg.trainer.precision
     fused = optim.fused if optim.fused is not None else device.type == "cuda" and precision in FUSED_PRECISIONS

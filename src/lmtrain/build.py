@@ -35,12 +35,39 @@ def user_facing_instantiation(what: str):
         raise UserError(f"could not build {what}: {one_line(err.__cause__ or err)}") from err
 
 
+def world_size(cfg: DictConfig) -> int:
+    """Processes that will train: devices per node x nodes (auto: every GPU, or one CPU process)."""
+    devices, accelerator = cfg.trainer.devices, cfg.trainer.accelerator
+    if isinstance(devices, int):
+        count = devices
+    elif isinstance(devices, str) and devices.lstrip("-").isdigit():
+        count = int(devices)
+    elif not isinstance(devices, str):
+        count = len(devices)
+    else:
+        count = 1
+    if count == -1 or devices == "auto":
+        count = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
+    return max(count, 1) * cfg.trainer.num_nodes
+
+
 def accumulation(cfg: DictConfig) -> int:
-    return cfg.trainer.accumulate_grad_batches
+    """accumulate_grad_batches, or derived from tokens_per_step so that any world size takes the same steps."""
+    t = cfg.trainer
+    if t.tokens_per_step is None:
+        return t.accumulate_grad_batches
+    per_micro_batch = t.batch_size * training_block_size(cfg) * world_size(cfg)
+    if t.tokens_per_step % per_micro_batch:
+        raise UserError(
+            f"trainer.tokens_per_step={t.tokens_per_step} is not a multiple of batch_size x block x world size = "
+            f"{t.batch_size} x {training_block_size(cfg)} x {world_size(cfg)} = {per_micro_batch}; "
+            "change trainer.batch_size or trainer.tokens_per_step"
+        )
+    return t.tokens_per_step // per_micro_batch
 
 
-def tokens_per_step(cfg: DictConfig, world_size: int = 1) -> int:
-    return cfg.trainer.batch_size * training_block_size(cfg) * accumulation(cfg) * world_size
+def tokens_per_step(cfg: DictConfig) -> int:
+    return cfg.trainer.batch_size * training_block_size(cfg) * accumulation(cfg) * world_size(cfg)
 
 
 def build_datamodule(cfg: DictConfig) -> TextDataModule:
@@ -116,16 +143,25 @@ def check_precision(cfg: DictConfig) -> None:
         raise UserError("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
 
 
+def build_strategy(cfg: DictConfig):
+    """A strategy name ("auto", "ddp", "fsdp", ...) or one built from its `_target_` with its options."""
+    strategy = cfg.trainer.strategy
+    if isinstance(strategy, DictConfig):
+        with user_facing_instantiation("trainer.strategy"):
+            return instantiate(strategy)
+    return strategy
+
+
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
     t = cfg.trainer
     check_precision(cfg)
     torch.set_float32_matmul_precision(t.matmul_precision)
     accumulate = accumulation(cfg)
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg),
         precision=t.precision,
         max_steps=t.max_steps,
         accumulate_grad_batches=accumulate,
@@ -139,6 +175,10 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.output_dir,
     )
+    # Lightning 2.6 broadcasts a SIGTERM flag from rank 0 after every batch under DDP, with a host sync
+    # (.item()). StopOnSignal agrees on stopping once per logging interval instead.
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+    return trainer
 
 
 def log_config(logger, cfg: DictConfig) -> None:

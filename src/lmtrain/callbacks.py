@@ -179,7 +179,14 @@ class StopOnSignal(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if self.received is None or not at_step_boundary or trainer.should_stop:
+        if not at_step_boundary or trainer.should_stop:
+            return
+        if trainer.world_size > 1:  # every rank must stop at the same step: agree once per logging interval
+            if trainer.global_step % trainer.log_every_n_steps:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+            self.received = self.received or (signal.SIGTERM if stop else None)
+        if self.received is None:
             return
         path = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
         trainer.save_checkpoint(path)

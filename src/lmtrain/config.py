@@ -80,6 +80,7 @@ class TrainerConfig:
     max_steps: int = 5000  # optimizer steps
     batch_size: int = 64  # micro-batch per device
     accumulate_grad_batches: int = 4
+    tokens_per_step: int | None = None  # set: accumulate_grad_batches = this / (batch x block x world size)
     gradient_clip_val: float | None = 1.0
     eval_interval: int = 250  # optimizer steps between evaluations
     eval_batches: int | None = 20  # None: one fixed full pass over each split

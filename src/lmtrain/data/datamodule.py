@@ -75,27 +75,31 @@ class TextDataModule(L.LightningDataModule):
         return self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
 
     def train_dataloader(self) -> DataLoader:
-        rank, _ = self._rank_and_world()
+        rank, world = self._rank_and_world()
         windows = RandomWindows(
             self._device_ids["train"],
             self.block_size,
             self.batch_size,
             self.seed,
-            rank,
             self.train_batches,
             self._first_batch,
+            rank=rank,
+            world_size=world,
         )
         return _loader(windows)
 
     def eval_windows(self, split: str) -> FixedWindows:
-        """Fixed windows of a split for evaluation, this rank's share of them."""
+        """Fixed windows of a split for evaluation, in batches of batch_size x world size: each rank
+        evaluates its slice of every batch, so the set is the same for any world size."""
         ids = self._device_ids[split]
-        if self.eval_batches is None:
-            starts = full_pass_starts(len(ids), self.block_size, self.batch_size)
-        else:
-            starts = random_starts(len(ids), self.block_size, self.batch_size, self.eval_batches, self.seed + 1)
         rank, world = self._rank_and_world()
-        return FixedWindows(ids, [s.to(ids.device) for s in starts[rank::world]], self.block_size)
+        size = self.batch_size * world
+        if self.eval_batches is None:
+            starts = full_pass_starts(len(ids), self.block_size, size)
+        else:
+            starts = random_starts(len(ids), self.block_size, size, self.eval_batches, self.seed + 1)
+        mine = [s[rank * self.batch_size : (rank + 1) * self.batch_size] for s in starts]
+        return FixedWindows(ids, [s.to(ids.device) for s in mine if len(s)], self.block_size)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [_loader(self.eval_windows("val")), _loader(self.eval_windows("train"))]

@@ -16,16 +16,18 @@ def slice_windows(ids: torch.Tensor, starts: torch.Tensor, block_size: int) -> t
     return windows[:, :-1], windows[:, 1:]
 
 
-def batch_seed(seed: int, rank: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{rank}/{index}".encode(), digest_size=8).digest()
+def batch_seed(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class RandomWindows(IterableDataset):
-    """Training micro-batch i holds random windows drawn from a generator seeded by (seed, rank, i).
+    """Micro-batch i: world_size x batch_size random windows drawn from a generator seeded by (seed, i);
+    each rank takes its own batch_size of them.
 
     A batch is a function of its index alone, so resuming at optimizer step s continues exactly with
-    micro-batch s * accumulate_grad_batches: the data position needs no state of its own.
+    micro-batch s * accumulate_grad_batches: the data position needs no state of its own. And the ranks
+    together see what one process with the whole batch would: 1 or 8 devices follow the same path.
     """
 
     def __init__(
@@ -34,12 +36,14 @@ class RandomWindows(IterableDataset):
         block_size: int,
         batch_size: int,
         seed: int,
-        rank: int,
         num_batches: int,
         first_batch: Callable[[], int],
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
-        self.seed, self.rank, self.num_batches, self.first_batch = seed, rank, num_batches, first_batch
+        self.seed, self.num_batches, self.first_batch = seed, num_batches, first_batch
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator(device=ids.device)
 
     def __len__(self) -> int:
@@ -50,10 +54,12 @@ class RandomWindows(IterableDataset):
             yield self.batch(index)
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.generator.manual_seed(batch_seed(self.seed, self.rank, index))
+        self.generator.manual_seed(batch_seed(self.seed, index))
         high = len(self.ids) - self.block_size
-        starts = torch.randint(high, (self.batch_size,), device=self.ids.device, generator=self.generator)
-        return slice_windows(self.ids, starts, self.block_size)
+        starts = torch.randint(
+            high, (self.world_size, self.batch_size), device=self.ids.device, generator=self.generator
+        )
+        return slice_windows(self.ids, starts[self.rank], self.block_size)
 
 
 class FixedWindows(IterableDataset):

@@ -94,7 +94,11 @@ class LanguageModel(L.LightningModule):
         # Clipping here rather than through the precision plugin lets fused AdamW clip under bf16
         # (Lightning refuses to clip for optimizers that unscale internally; bf16 has nothing to unscale).
         max_norm = gradient_clip_val if gradient_clip_val else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        wrapped = self.trainer.model
+        if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over every rank's shard
+            norm = wrapped.clip_grad_norm_(max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
         bad = ~torch.isfinite(norm)
         self._nonfinite += torch.stack((bad, bad)).float()  # (total, in a row)
         self._nonfinite[1] *= bad

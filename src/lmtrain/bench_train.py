@@ -106,9 +106,6 @@ def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.
 def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module, torch.device]:
     """The same model, windows, loss, clipping, optimizer and schedule, in the plainest loop."""
     from .data.windows import RandomWindows
-    from .lr_schedule import warmup_cosine
-    from .module import FUSED_PRECISIONS
-    from .optim import OptimConfig, build_optimizer
 
     start = time.perf_counter()
     build.check_precision(cfg)
@@ -121,17 +118,8 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     ids = torch.from_numpy(datamodule.corpus.train_ids.astype("int32")).to(device)
     accumulate = build.accumulation(cfg)
     windows = RandomWindows(ids, training_block_size(cfg), cfg.trainer.batch_size, cfg.seed, 0, lambda: 0)
-    optim = OptimConfig(**build.to_container(cfg.optim))
     precision = cfg.trainer.precision
-    fused = optim.fused if optim.fused is not None else device.type == "cuda" and precision in FUSED_PRECISIONS
-    optimizer = build_optimizer(model, optim, fused=fused)
-    scheduler = warmup_cosine(
-        optimizer,
-        warmup_steps=optim.warmup_steps,
-        max_steps=cfg.trainer.max_steps,
-        max_lr=optim.max_lr,
-        min_lr=optim.min_lr,
-    )
+    optimizer, scheduler = module.optimizer_and_schedule(device.type, precision)
     dtype = FLOAT_DTYPES.get(precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)

@@ -191,11 +191,12 @@ class LanguageModel(L.LightningModule):
             logger.log_metrics(values, step=self.global_step)
 
     # --- optimizer and schedule -----------------------------------------------------------------
-    def configure_optimizers(self):
+    def optimizer_and_schedule(self, device_type: str, precision: str):
+        """AdamW (or Muon + AdamW), fused where the device and precision allow, and its warmup + cosine LambdaLR."""
         config = self.optim_config
         fused = config.fused
         if fused is None:
-            fused = self.device.type == "cuda" and str(self.trainer.precision) in FUSED_PRECISIONS
+            fused = device_type == "cuda" and precision in FUSED_PRECISIONS
         optimizer = build_optimizer(self.model, config, fused=fused)
         scheduler = warmup_cosine(
             optimizer,
@@ -204,6 +205,10 @@ class LanguageModel(L.LightningModule):
             max_lr=config.max_lr,
             min_lr=config.min_lr,
         )
+        return optimizer, scheduler
+
+    def configure_optimizers(self):
+        optimizer, scheduler = self.optimizer_and_schedule(self.device.type, str(self.trainer.precision))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},

@@ -65,6 +65,14 @@ def test_resume_continues_the_step_count_and_schedule(tmp_path):
     assert steps == [0, 10, 20, 30, 40, 50]  # every 10 steps; 40 and 50 logged by the resumed run
 
 
+def test_the_last_step_is_always_checkpointed(tmp_path):
+    run_dir = tmp_path / "run"
+    smoke(run_dir, "trainer.max_steps=25", "checkpoint.every_n_steps=20", "trainer.eval_interval=100")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.resolve().name == "step-000025.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 25
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -83,7 +83,7 @@ def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.
     datamodule = build.build_datamodule(cfg)
     datamodule.prepare_data()
     module = build.build_module(cfg, datamodule)
-    periodic = ("best_checkpoint", "periodic_checkpoint", "sample_text", "summary")
+    periodic = ("best_checkpoint", "periodic_checkpoint", "sample_text", "summary", "exit_checkpoint")
     callbacks = [c for name, c in zip(cfg.callbacks, build.build_callbacks(cfg)) if name not in periodic]
     trainer = build.build_trainer(cfg, callbacks, build.build_logger(cfg))
     timer = _StepTimer(warmup, steps, torch.device("cpu"))

@@ -176,7 +176,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
         default_root_dir=cfg.output_dir,
     )
     # Lightning 2.6 broadcasts a SIGTERM flag from rank 0 after every batch under DDP, with a host sync
-    # (.item()). StopOnSignal agrees on stopping once per logging interval instead.
+    # (.item()). CheckpointOnExit agrees on a signal stop once per logging interval instead.
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
     return trainer
 

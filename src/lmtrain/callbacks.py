@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -155,9 +156,10 @@ class RunSummary(Callback):
         print("summary: " + json.dumps(summary), flush=True)
 
 
-class StopOnSignal(Callback):
-    """SIGTERM or Ctrl-C: finish the optimizer step in progress, save a full checkpoint, stop cleanly and say
-    how to resume. A second Ctrl-C interrupts at once."""
+class CheckpointOnExit(Callback):
+    """A full checkpoint whenever training stops: at its end (whatever the periodic interval), and on
+    SIGTERM or Ctrl-C, which finish the optimizer step in progress and stop cleanly with the command that
+    resumes. A second Ctrl-C interrupts at once. `last.ckpt` points at the checkpoint written."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -188,8 +190,7 @@ class StopOnSignal(Callback):
             self.received = self.received or (signal.SIGTERM if stop else None)
         if self.received is None:
             return
-        path = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
-        trainer.save_checkpoint(path)
+        path = self._save(trainer)
         trainer.should_stop = True
         if trainer.is_global_zero:
             print(
@@ -199,10 +200,22 @@ class StopOnSignal(Callback):
             )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
+
+    def _save(self, trainer: L.Trainer) -> Path:
+        path = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
+        if not path.exists():
+            trainer.save_checkpoint(path)
+        if trainer.is_global_zero:  # last.ckpt -> this file, replaced atomically
+            link = self.dirpath / ".last.ckpt.tmp-link"
+            link.unlink(missing_ok=True)
+            link.symlink_to(path.name)
+            os.replace(link, self.dirpath / "last.ckpt")
+        return path
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

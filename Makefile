@@ -31,8 +31,13 @@ train: install
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# Our training speed for the recipe `make train` would run (compiled on a GPU); add --raw in ARGS for the plain loop.
 bench: install
-	$(PY) -m lmtrain.bench train $(ARGS)
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) -m lmtrain.bench train experiment=seed model.compile=true $(ARGS); \
+	else \
+		$(PY) -m lmtrain.bench train experiment=cpu $(ARGS); \
+	fi
 
 tensorboard: install
 	$(PY) -m tensorboard.main --logdir outputs --bind_all

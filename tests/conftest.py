@@ -60,7 +60,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     series: dict[str, list[tuple[int, float]]] = {}
     for folder in sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")}):
-        reader = EventAccumulator(str(folder))
+        reader = EventAccumulator(str(folder), purge_orphaned_data=False)  # a resumed run keeps every point
         reader.Reload()
         for tag in reader.Tags()["scalars"]:
             series.setdefault(tag, []).extend((e.step, e.value) for e in reader.Scalars(tag))

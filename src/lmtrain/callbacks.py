@@ -1,4 +1,4 @@
-"""Callbacks: a sample at each evaluation, tokens per second, and the run's summary.json."""
+"""Callbacks: a sample at each evaluation, tokens per second, the run's summary.json and its checkpoints."""
 
 from __future__ import annotations
 
@@ -154,6 +154,26 @@ class RunSummary(Callback):
         }
         atomic_write_bytes(self.path, (json.dumps(summary, indent=2) + "\n").encode())
         print("summary: " + json.dumps(summary), flush=True)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint every n optimizer steps; on a step that also evaluates, written after the evaluation.
+    Lightning does not repeat the evaluation of a step it resumes at, so a checkpoint written before it
+    would leave a resumed run without that point of the validation curve."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and evaluates_after_this_batch(trainer) and self._last_global_step_saved != trainer.global_step:
+            self._defer_save_until_validation = True  # ModelCheckpoint's own deferral, done in on_validation_end
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def evaluates_after_this_batch(trainer: L.Trainer) -> bool:
+    """Whether Lightning runs validation after the current training batch (step-based validation)."""
+    return (
+        trainer.enable_validation and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0
+    )
 
 
 class CheckpointOnExit(Callback):

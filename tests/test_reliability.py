@@ -143,7 +143,8 @@ def run_in_process(tmp_path, *overrides):
     return train(cfg)
 
 
-def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["optim.fused=false", "optim.fused=true"])  # host check; found_inf
+def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch, optimizer):
     from lmtrain import module as module_lib
 
     original = module_lib.LanguageModel.training_step
@@ -153,7 +154,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
         return loss * float("nan") if self.global_step in (12, 20) else loss
 
     monkeypatch.setattr(module_lib.LanguageModel, "training_step", poisoned)
-    run_in_process(tmp_path)
+    run_in_process(tmp_path, optimizer)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     counts = dict(scalars(tmp_path)["train/nonfinite_steps"])

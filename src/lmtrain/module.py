@@ -14,7 +14,7 @@ import torch
 from .errors import UserError
 from .lr_schedule import warmup_cosine
 from .model import GPT, GPTConfig
-from .optim import OptimConfig, build_optimizer
+from .optim import OptimConfig, build_optimizer, skips_on_device
 
 # What a checkpoint's weights depend on; dropout and initialisation may change between runs.
 ARCHITECTURE = (
@@ -107,10 +107,10 @@ class LanguageModel(L.LightningModule):
             self._skip_update_if(bad, optimizer)
 
     def _skip_update_if(self, bad: torch.Tensor, optimizer) -> None:
-        """A non-finite loss or gradient must not reach the weights: fused AdamW skips its update on the
-        device (found_inf, as under a GradScaler: no host sync); other optimizers are asked on the host."""
-        if getattr(optimizer, "defaults", {}).get("fused"):
-            optimizer.found_inf = bad.float().reshape(1)
+        """A non-finite loss or gradient must not reach the weights: fused AdamW and Muon + AdamW skip the
+        update on the device (found_inf, as under a GradScaler: no host sync); others are asked on the host."""
+        if skips_on_device(optimizer):
+            optimizer.found_inf = bad.float()  # 0-d, as a GradScaler passes it
         elif bad.item():
             self._check_nonfinite_streak()
             raise SkippedStep
@@ -217,6 +217,8 @@ class LanguageModel(L.LightningModule):
     # --- checkpoints: the RNG streams, so that a resumed run draws what the uninterrupted one would --
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = capture_rng_state()
+        for logger in self.loggers:  # flushed: a run killed after this checkpoint keeps the points logged before it
+            logger.save()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._check_same_model(checkpoint.get("hyper_parameters", {}))

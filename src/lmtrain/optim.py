@@ -75,6 +75,27 @@ def build_muon(model: nn.Module, config: OptimConfig, fused: bool) -> torch.opti
     return Combined([muon, adamw])
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer takes `found_inf` (a 0-d tensor, 1.0 = skip this update) without a host sync."""
+    return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, Combined)
+
+
+@torch.no_grad()
+def step_unless_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), undone on the device when found_inf is 1: parameters and state tensors are
+    snapshotted, the step runs on gradients with non-finite entries zeroed (so everything stays finite),
+    and x = x * (1 - found_inf) + snapshot * found_inf restores them exactly."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    state = [t for p in params for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
+    tensors = params + [t for t in state if t.is_floating_point()]
+    snapshot = torch._foreach_mul(tensors, 1.0)
+    for p in params:
+        p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    optimizer.step()
+    torch._foreach_mul_(tensors, 1.0 - found_inf)
+    torch._foreach_add_(tensors, torch._foreach_mul(snapshot, found_inf))
+
+
 class Combined(torch.optim.Optimizer):
     """Several optimizers stepped as one: what Lightning's automatic optimization and a LambdaLR expect.
 
@@ -100,8 +121,15 @@ class Combined(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for optimizer in self.optimizers:
-            optimizer.step()
+            if found_inf is None:
+                optimizer.step()
+            elif optimizer.defaults.get("fused"):
+                optimizer.found_inf = found_inf
+                optimizer.step()
+            else:
+                step_unless_found_inf(optimizer, found_inf)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -1,0 +1,146 @@
+"""The speed options (issue 6) on the CPU: each trains, the chunked loss is exact, FLOPs and the bench JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmtrain.bench import main as bench_main
+from lmtrain.bench_train import flops_per_token, peak_flops
+from lmtrain.losses import chunked_linear_cross_entropy
+from lmtrain.model import GPT, GPTConfig
+from lmtrain.optim import Combined, OptimConfig, build_optimizer, step_unless_found_inf
+from lmtrain.train import train
+
+from .conftest import compose
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "model.rope=true",
+        "model.qk_norm=true",
+        "model.mlp=relu2",
+        "model.zero_init_proj=true",
+        "optim=muon",
+        "optim.fused=true",
+        "optim.fused=false",
+        "model.loss_chunk_rows=96",
+        "trainer.matmul_precision=high",
+        "trainer.eval_batches=null",
+        "model.compile=true",
+    ],
+)
+def test_each_option_composes_and_trains_the_smoke_experiment(tmp_path, option):
+    cfg = compose(
+        "experiment=smoke",
+        f"output_dir={tmp_path}",
+        "trainer.max_steps=40",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        option,
+    )
+    best = train(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 40
+    # 65 characters: the untrained loss is ~ln 65 = 4.17; every option must learn something in 40 steps
+    assert math.isfinite(best) and best < 3.6
+
+
+def test_chunked_head_loss_equals_cross_entropy_in_values_and_gradients():
+    torch.manual_seed(0)
+    vocab, padded = 100, 128
+    hidden = torch.randn(70, 16, requires_grad=True)
+    weight = torch.randn(padded, 16, requires_grad=True)
+    targets = torch.randint(vocab, (70,))
+    expected = F.cross_entropy(hidden @ weight[:vocab].T, targets)
+    expected.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = chunked_linear_cross_entropy(hidden, weight, targets, vocab, 32)  # 70 rows: chunks of 32, 32, 6
+    (2 * loss).backward()  # the incoming gradient is honoured
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(hidden.grad, 2 * grads[0], atol=1e-6) and torch.allclose(weight.grad, 2 * grads[1], atol=1e-6)
+    assert weight.grad[vocab:].abs().sum() == 0  # the padding rows are never predicted
+
+
+def test_model_loss_with_chunks_equals_the_full_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    idx = torch.randint(65, (3, 17))
+    full = model.loss(idx[:, :-1], idx[:, 1:])
+    chunked = model.loss(idx[:, :-1], idx[:, 1:], chunk_rows=20)
+    assert torch.allclose(full, chunked, atol=1e-6)
+
+
+def test_flops_per_token_of_a_small_config_counted_by_hand():
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False))
+    # wte 64*32; per block: two LayerNorm gains 2*32, qkv 32*96, proj 32*32, fc 32*128, proj 128*32; ln_f 32.
+    # The position table is left out, the tied head counted once.
+    params = 64 * 32 + 2 * (2 * 32 + 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32
+    attention = 12 * 2 * 2 * 16 * 16  # 12 * layers * heads * head size * block
+    assert flops_per_token(model) == 6 * params + attention
+
+
+def test_peak_flops_is_looked_up_by_the_device_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    h100 = peak_flops(torch.device("cuda"), "bf16-mixed")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    a100 = peak_flops(torch.device("cuda"), "bf16-mixed")
+    assert h100 == pytest.approx(989.4e12, rel=0.01) and a100 == pytest.approx(312e12, rel=0.01)
+    assert peak_flops(torch.device("cpu"), "32-true") is None
+
+
+@pytest.mark.parametrize("path", [[], ["--raw"]])
+def test_bench_train_writes_every_field(tmp_path, path):
+    out = tmp_path / "bench.json"
+    bench_main(["train", *path, "--steps", "3", "--warmup", "1", "--out", str(out), "experiment=smoke"])
+    result = json.loads(out.read_text())
+    assert result["path"] == ("raw loop" if path else "Lightning Trainer")
+    assert result["device"] == "cpu" and result["steps"] == 3 and result["warmup_steps"] == 1
+    assert result["tokens_per_step"] == 8 * 32  # smoke: 8 sequences of 32 tokens
+    assert result["ms_per_step"] > 0 and result["startup_compile_warmup_s"] > 0
+    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["ms_per_step"] * 1e3)
+    assert result["flops_per_token"] > 0
+    assert result["peak_flops"] is None and result["mfu"] is None and result["peak_memory_gib"] is None
+
+
+def test_muon_skips_a_non_finite_step_on_the_device_exactly():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    optimizer = build_optimizer(model, OptimConfig(name="muon"), fused=False)
+    assert isinstance(optimizer, Combined)
+    idx = torch.randint(65, (2, 17))
+
+    def step(poison: bool) -> None:
+        optimizer.zero_grad()
+        model.loss(idx[:, :-1], idx[:, 1:]).backward()
+        if poison:
+            model.blocks[0].mlp.fc.weight.grad[0, 0] = float("nan")
+        optimizer.found_inf = torch.tensor(float(poison))
+        optimizer.step()
+
+    step(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+    step(True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for old, new in zip(state_before, optimizer.state.values(), strict=True):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    step(False)
+    assert not torch.equal(before["blocks.0.mlp.fc.weight"], model.blocks[0].mlp.fc.weight)
+
+
+def test_an_undone_step_leaves_a_plain_optimizer_as_it_was():
+    p = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(4)
+    step_unless_found_inf(optimizer, torch.tensor(0.0))
+    taken = p.detach().clone(), optimizer.state[p]["momentum_buffer"].clone()
+    p.grad = torch.tensor([1.0, float("inf"), float("nan"), 1.0])
+    step_unless_found_inf(optimizer, torch.tensor(1.0))
+    assert torch.equal(p.detach(), taken[0]) and torch.equal(optimizer.state[p]["momentum_buffer"], taken[1])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmtrain.model import GPT, GPTConfig, sample_next
+from lmtrain.model import GPT, GPTConfig, GraphedDecoder, sample_next
 
 TINY = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -99,6 +99,22 @@ def test_top_k_and_top_p_never_leave_their_sets():
     probs = logits[0].softmax(-1)  # 0.64, 0.24, 0.09, ...: mass 0.88 after two tokens
     nucleus = sample_next(logits, 1.0, None, 0.85, generator)
     assert set(nucleus.flatten().tolist()) == {0, 1} and probs[:2].sum() > 0.85
+
+
+def test_sampling_follows_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(40000, 1)
+    ids = sample_next(logits, 0.5, None, None, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(ids.flatten(), minlength=4) / len(ids)
+    assert torch.allclose(frequencies, (logits[0] / 0.5).softmax(-1), atol=0.01)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"temperature": 0.8, "top_k": 5}, {"top_p": 0.9}])
+def test_static_shape_decoding_draws_what_the_eager_loop_draws(options):
+    model = tiny(rope=True)
+    prompt = torch.randint(65, (2, 5), generator=torch.Generator().manual_seed(2))
+    eager = model.generate(prompt, 27, generator=torch.Generator().manual_seed(4), **options)
+    static = GraphedDecoder(model, prompt, 27, generator=torch.Generator().manual_seed(4), **options).run()
+    assert static.shape == (2, 32) and torch.equal(eager, static)
 
 
 def test_generation_leaves_training_mode_as_it_was():

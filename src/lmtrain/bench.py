@@ -158,7 +158,7 @@ def _print_tokenizer_table(results: dict) -> None:
 
 # --- generation -----------------------------------------------------------------------------------
 def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
-    """Tokens/s of sampling one block with and without the KV cache (random weights: speed only)."""
+    """Tokens/s of sampling one block: KV cache, none, and (on a GPU) CUDA-graph replays (random weights)."""
     import torch
 
     from .bench_train import compose_config
@@ -183,21 +183,22 @@ def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         "new_tokens": new_tokens,
         "overrides": overrides,
     }
-    for cache in (True, False):
+    modes = {"cache": {"use_cache": True, "cuda_graph": False}, "no_cache": {"use_cache": False, "cuda_graph": False}}
+    if device.type == "cuda":
+        modes["cuda_graph"] = {"cuda_graph": True}
+    for name, options in modes.items():
 
-        def generate(cache=cache):
+        def generate(options=options):
             with autocast:
-                model.generate(prompt, new_tokens, temperature=1.0, top_k=40, use_cache=cache)
+                model.generate(prompt, new_tokens, temperature=1.0, top_k=40, **options)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
         seconds = best_time(generate, 3)
-        results[f"tokens_per_s_{'cache' if cache else 'no_cache'}"] = args.batch * new_tokens / seconds
-    speedup = results["tokens_per_s_cache"] / results["tokens_per_s_no_cache"]
+        results[f"tokens_per_s_{name}"] = args.batch * new_tokens / seconds
     print(
-        f"generate {new_tokens} tokens x {args.batch} on {results['device']}: with KV cache "
-        f"{results['tokens_per_s_cache']:,.0f} tokens/s, without {results['tokens_per_s_no_cache']:,.0f} tokens/s "
-        f"({speedup:.1f}x)"
+        f"generate {new_tokens} tokens x {args.batch} on {results['device']}, tokens/s: "
+        + ", ".join(f"{name.replace('_', ' ')} {results['tokens_per_s_' + name]:,.0f}" for name in modes)
     )
     return args, results
 

@@ -239,10 +239,89 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-        """The prompt (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, cuda_graph: bool = True, **options) -> torch.Tensor:
+        """The prompt (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
+
+        On a GPU, when prompt and new tokens fit in block_size, each token is one replay of a captured
+        CUDA graph (GraphedDecoder): the same draws, without ~100 kernel launches per token from Python.
+        """
+        if cuda_graph and idx.is_cuda and idx.size(1) + max_new_tokens <= self.config.block_size:
+            options.pop("use_cache", None)
+            return GraphedDecoder(self, idx, max_new_tokens, **options).run()
         new = list(self.generate_stream(idx, max_new_tokens, **options))
         return torch.cat([idx, *new], dim=1)
+
+
+class GraphedDecoder:
+    """Decoding with static shapes, so that one step can be captured as a CUDA graph and replayed.
+
+    The sequence lives in a (B, L) buffer, L = prompt + new tokens <= block_size. Each step recomputes all
+    L positions (no KV cache: at these sizes the GPU does that in well under a millisecond), reads the
+    logits at the last filled position, held on the device, and writes the drawn id after it. The
+    sampling noise is drawn outside the graph from the caller's generator, as the eager loop draws it.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        B, T = idx.shape
+        self.model, self.sampling, self.generator = model, (temperature, top_k, top_p), generator
+        self.prompt_length, self.max_new_tokens = T, max_new_tokens
+        self.tokens = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, L)
+        self.tokens[:, :T] = idx
+        self.last = torch.full((1,), T - 1, dtype=torch.long, device=idx.device)  # last filled position
+        self.noise = torch.empty(B, model.config.vocab_size, device=idx.device)  # Exp(1), see sample_next
+
+    def step(self) -> None:
+        hidden = self.model.hidden_states(self.tokens)  # (B, L, C)
+        logits = self.model.lm_head(hidden.index_select(1, self.last))[:, 0, : self.model.config.vocab_size]
+        next_id = sample_next(logits.float(), *self.sampling, noise=self.noise)  # (B, 1)
+        self.last += 1
+        self.tokens.index_copy_(1, self.last, next_id)
+
+    @torch.no_grad()
+    def run(self) -> torch.Tensor:
+        if self.max_new_tokens == 0:
+            return self.tokens
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            replay = self._capture() if self.tokens.is_cuda else self.step
+            for _ in range(self.max_new_tokens):
+                self.noise.exponential_(generator=self.generator)
+                replay()
+        finally:
+            self.model.train(was_training)
+        return self.tokens
+
+    def _capture(self):
+        """Warm up on a side stream (as torch.cuda.graphs asks), then capture one step. The autocast
+        weight cache is off inside: a graph must not depend on casts made outside it."""
+        autocast = torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,
+        )
+        start = self.tokens.clone(), self.last.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast:
+            self.step()
+        self.tokens.copy_(start[0])  # undo the warm-up step
+        self.last.copy_(start[1])
+        return graph.replay
 
 
 def sample_next(
@@ -250,14 +329,19 @@ def sample_next(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Draw one id per row of logits (B, V): temperature, then top-k, then top-p (nucleus)."""
+    """Draw one id per row of logits (B, V): temperature, then top-k, then top-p (nucleus).
+
+    The draw is argmax(p / E) with E ~ Exp(1) per entry (the exponential race: the same distribution as
+    torch.multinomial), so that it has no data-dependent shapes; `noise` gives E, else it comes from generator.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, [-1]]
+        kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
@@ -267,4 +351,6 @@ def sample_next(
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    return probs.div(noise.clamp_min(1e-30)).argmax(dim=-1, keepdim=True)

@@ -16,7 +16,7 @@ from lmtrain.model import GPT, GPTConfig
 from lmtrain.optim import Combined, OptimConfig, build_optimizer, step_unless_found_inf
 from lmtrain.train import train
 
-from .conftest import compose
+from .conftest import SHAKESPEARE, compose
 
 
 @pytest.mark.parametrize(
@@ -36,8 +36,12 @@ from .conftest import compose
     ],
 )
 def test_each_option_composes_and_trains_the_smoke_experiment(tmp_path, option):
+    text = tmp_path / "shakespeare_60k.txt"  # small enough for a full evaluation pass over both splits
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     cfg = compose(
         "experiment=smoke",
+        "data=text",
+        f"data.path={text}",
         f"output_dir={tmp_path}",
         "trainer.max_steps=40",
         "callbacks.progress_bar=null",

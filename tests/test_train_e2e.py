@@ -73,6 +73,16 @@ def test_the_last_step_is_always_checkpointed(tmp_path):
     assert torch.load(last, weights_only=False)["global_step"] == 25
 
 
+def test_a_periodic_checkpoint_on_an_evaluating_step_is_written_after_the_evaluation(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = ("trainer.max_steps=40", "checkpoint.every_n_steps=10", "checkpoint.keep_last=10")
+    smoke(run_dir, *overrides, "trainer.eval_interval=20")
+    for step, best_seen_at in ((10, 0), (20, 20), (30, 20)):
+        state = torch.load(run_dir / "checkpoints" / f"step-{step:06d}.ckpt", weights_only=False)
+        assert state["global_step"] == step
+        assert state["callbacks"]["RunSummary"]["best"]["step"] == best_seen_at  # step 20's evaluation is in
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

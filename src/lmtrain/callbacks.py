@@ -161,12 +161,24 @@ class PeriodicCheckpoint(ModelCheckpoint):
     Lightning does not repeat the evaluation of a step it resumes at, so a checkpoint written before it
     would leave a resumed run without that point of the validation curve."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._after_evaluation = False
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-        if due and evaluates_after_this_batch(trainer) and self._last_global_step_saved != trainer.global_step:
-            self._defer_save_until_validation = True  # ModelCheckpoint's own deferral, done in on_validation_end
+        if due and evaluates_after_this_batch(trainer):
+            self._after_evaluation = True
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_evaluation and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        self._after_evaluation = False
 
 
 def evaluates_after_this_batch(trainer: L.Trainer) -> bool:

@@ -273,7 +273,7 @@ class GraphedDecoder:
     ):
         B, T = idx.shape
         self.model, self.sampling, self.generator = model, (temperature, top_k, top_p), generator
-        self.prompt_length, self.max_new_tokens = T, max_new_tokens
+        self.max_new_tokens = max_new_tokens
         self.tokens = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, L)
         self.tokens[:, :T] = idx
         self.last = torch.full((1,), T - 1, dtype=torch.long, device=idx.device)  # last filled position

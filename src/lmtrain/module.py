@@ -99,8 +99,8 @@ class LanguageModel(L.LightningModule):
             norm = wrapped.clip_grad_norm_(max_norm)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
-        bad = ~torch.isfinite(norm)
-        self._nonfinite += torch.stack((bad, bad)).float()  # (total, in a row)
+        bad = (~torch.isfinite(norm)).float()  # 0-d: 1.0 for a step to skip
+        self._nonfinite += bad  # (total, in a row)
         self._nonfinite[1] *= bad
         self._log_train_step(norm)
         if str(self.trainer.precision) != "16-mixed":  # under fp16 the GradScaler skips such steps itself
@@ -110,7 +110,7 @@ class LanguageModel(L.LightningModule):
         """A non-finite loss or gradient must not reach the weights: fused AdamW and Muon + AdamW skip the
         update on the device (found_inf, as under a GradScaler: no host sync); others are asked on the host."""
         if skips_on_device(optimizer):
-            optimizer.found_inf = bad.float()  # 0-d, as a GradScaler passes it
+            optimizer.found_inf = bad  # 0-d, as a GradScaler passes it
         elif bad.item():
             self._check_nonfinite_streak()
             raise SkippedStep

@@ -161,6 +161,24 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch, optim
     assert counts[11] == 0 and counts[12] == 1 and counts[20] == 2 and counts[29] == 2
 
 
+class _ReadLater:
+    """Stands in for the CUDA event of a copy to the host: the values are written one interval later."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_train_metrics_written_one_interval_later_are_the_same_points(tmp_path, monkeypatch):
+    from lmtrain import module as module_lib
+
+    run_in_process(tmp_path / "now")
+    monkeypatch.setattr(module_lib, "copy_to_host_async", lambda values: (values.clone(), _ReadLater()))
+    run_in_process(tmp_path / "later")  # as on a GPU: each interval's values are written at the next one
+    now, later = scalars(tmp_path / "now"), scalars(tmp_path / "later")
+    for tag in ("train/loss", "train/grad_norm", "train/nonfinite_steps"):
+        assert len(now[tag]) == 30 and sorted(later[tag]) == sorted(now[tag])  # the last at the end of training
+
+
 def test_non_finite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
     from lmtrain import module as module_lib
 

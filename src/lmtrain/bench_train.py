@@ -21,6 +21,7 @@ import torch
 from . import build
 from .config import training_block_size, validate
 from .errors import UserError
+from .module import grads_in_place
 
 FLOAT_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -108,7 +109,7 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     from .data.windows import RandomWindows
 
     start = time.perf_counter()
-    build.check_precision(cfg)
+    build.check_device_options(cfg)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     datamodule = build.build_datamodule(cfg)
@@ -127,9 +128,7 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     timer = _StepTimer(warmup, steps, device)
     timer.start_time = start
     model.train()
-    if module._cudagraphs:  # as LanguageModel does: gradients accumulate in place in our own buffers
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
+    in_place = grads_in_place(module, accumulate)  # as LanguageModel does under CUDA graphs
     batch = 0
     for step in range(1, warmup + steps + 1):
         for _ in range(accumulate):
@@ -145,7 +144,7 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=not module._cudagraphs)
+        optimizer.zero_grad(set_to_none=not in_place)
         timer.after_step(step)
     return *timer.result(), model, device
 

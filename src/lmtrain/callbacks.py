@@ -82,7 +82,8 @@ class Throughput(Callback):
         if step - start_step >= trainer.log_every_n_steps:
             now = time.perf_counter()
             rate = (step - start_step) * self.tokens_per_step / (now - start_time)
-            pl_module.log("train/tokens_per_s", rate, on_step=True, on_epoch=False)
+            for logger in trainer.loggers:  # straight to them: Lightning's self.log would copy it to the device
+                logger.log_metrics({"train/tokens_per_s": rate}, step=step)
             self._since = (now, step)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -48,6 +48,7 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
         compile_mode: str | None = None,
         loss_chunk_rows: int = 0,
+        fused_loss: bool = False,
         max_nonfinite_steps: int = 10,
         tokenizer=None,
     ):
@@ -56,26 +57,23 @@ class LanguageModel(L.LightningModule):
         self.model = GPT(GPTConfig(**model))
         self.optim_config = OptimConfig(**optim)
         self.tokenizer = tokenizer
-        loss = partial(self.model.loss, chunk_rows=loss_chunk_rows)
+        self.loss_fn = partial(self.model.loss, chunk_rows=loss_chunk_rows, fused=fused_loss)
         # The compiled loss is kept out of the module tree: checkpoints hold plain `model.` keys.
-        self.train_loss = torch.compile(loss, mode=compile_mode) if compile else loss
+        self.train_loss = torch.compile(self.loss_fn, mode=compile_mode) if compile else self.loss_fn
         self._cudagraphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
+        self._grads_in_place = False  # set when training starts; see grads_in_place
         self._rng_to_restore = None
+        self._unread_train_metrics = None  # (step, values on their way to the host, CUDA event)
 
     # --- training -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
         self._nonfinite = torch.zeros(2, device=self.device)
         self._recent_losses: list[float] = []
-        if self._cudagraphs:  # see optimizer_zero_grad
-            for p in self.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        self._grads_in_place = grads_in_place(self, self.trainer.accumulate_grad_batches)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        # Under CUDA graphs the gradients must stay our own buffers, accumulated in place: a gradient
-        # set from None would be the graph's output buffer, which the next micro-batch overwrites.
-        optimizer.zero_grad(set_to_none=not self._cudagraphs)
+        optimizer.zero_grad(set_to_none=not self._grads_in_place)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # first step after a resume: continue the saved RNG streams
@@ -87,7 +85,7 @@ class LanguageModel(L.LightningModule):
         if self._cudagraphs:  # each micro-batch is a new iteration: earlier graph outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         loss = self.train_loss(x, y)
-        self._loss_sum += loss.detach()
+        self._loss_sum.add_(loss.detach())
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -100,8 +98,8 @@ class LanguageModel(L.LightningModule):
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
         bad = (~torch.isfinite(norm)).float()  # 0-d: 1.0 for a step to skip
-        self._nonfinite += bad  # (total, in a row)
-        self._nonfinite[1] *= bad
+        self._nonfinite.add_(bad)  # (total, in a row)
+        self._nonfinite[1].mul_(bad)
         self._log_train_step(norm)
         if str(self.trainer.precision) != "16-mixed":  # under fp16 the GradScaler skips such steps itself
             self._skip_update_if(bad, optimizer)
@@ -112,7 +110,7 @@ class LanguageModel(L.LightningModule):
         if skips_on_device(optimizer):
             optimizer.found_inf = bad  # 0-d, as a GradScaler passes it
         elif bad.item():
-            self._check_nonfinite_streak()
+            self._check_nonfinite_streak(*self._nonfinite.tolist(), self.global_step)
             raise SkippedStep
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
@@ -121,12 +119,11 @@ class LanguageModel(L.LightningModule):
         except SkippedStep:
             pass  # the gradients are zeroed before the next step, the schedule moves on
 
-    def _check_nonfinite_streak(self) -> None:
-        total, streak = (int(v) for v in self._nonfinite.tolist())
-        limit = self.hparams.max_nonfinite_steps
+    def _check_nonfinite_streak(self, total: float, streak: float, step: int) -> None:
+        total, streak, limit = int(total), int(streak), self.hparams.max_nonfinite_steps
         if streak >= limit:
             raise UserError(
-                f"{streak} optimizer steps in a row (up to step {self.global_step}) had a non-finite loss or "
+                f"{streak} optimizer steps in a row (up to step {step}) had a non-finite loss or "
                 f"gradient and were skipped ({total} in all; the limit is trainer.max_nonfinite_steps={limit}); "
                 "the weights are those of the last finite step and the checkpoints are kept: resume from one with a "
                 "lower optim.max_lr, more warmup, or precision=bf16"
@@ -134,22 +131,38 @@ class LanguageModel(L.LightningModule):
 
     def _log_train_step(self, grad_norm: torch.Tensor) -> None:
         """train/loss (the mean over this step's micro-batches), train/grad_norm and the count of skipped
-        non-finite steps, every log_every_n_steps: only then are they read (one host sync), written straight
-        to the loggers at x = updates made before this step, as the validation metrics."""
+        non-finite steps, every log_every_n_steps, at x = updates made before this step (as the validation
+        metrics). On a GPU they are copied to the host without waiting and written one interval later, when
+        the copy is long done: the device is never synchronised for them."""
         step = self.global_step
         if step % self.trainer.log_every_n_steps == 0:
-            loss = float(self._loss_sum / self.trainer.accumulate_grad_batches)
-            values = {
-                "train/loss": loss,
-                "train/grad_norm": float(grad_norm),
-                "train/nonfinite_steps": float(self._nonfinite[0]),
-            }
-            if self._is_spike(loss):
-                values["train/loss_spike"] = loss
-            for logger in self.loggers:
-                logger.log_metrics(values, step=step)
-            self._check_nonfinite_streak()
+            values = torch.stack(
+                [self._loss_sum / self.trainer.accumulate_grad_batches, grad_norm.float(), *self._nonfinite]
+            )
+            self._write_train_metrics()  # the previous interval's
+            host, copied = copy_to_host_async(values)
+            self._unread_train_metrics = (step, host, copied)
+            if copied is None:  # already on the host
+                self._write_train_metrics()
         self._loss_sum.zero_()
+
+    def _write_train_metrics(self) -> None:
+        if self._unread_train_metrics is None:
+            return
+        step, values, copied = self._unread_train_metrics
+        self._unread_train_metrics = None
+        if copied is not None:
+            copied.synchronize()
+        loss, grad_norm, total, streak = values.tolist()
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/nonfinite_steps": total}
+        if self._is_spike(loss):
+            metrics["train/loss_spike"] = loss
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+        self._check_nonfinite_streak(total, streak, step)
+
+    def on_train_end(self) -> None:
+        self._write_train_metrics()
 
     def _is_spike(self, loss: float, window: int = 10, factor: float = 1.3) -> bool:
         """Above `factor` times the median of the last `window` logged losses (the report's rule)."""
@@ -167,7 +180,7 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
-        loss = self.model.loss(x, y)
+        loss = self.loss_fn(x, y)
         self._eval_sums[dataloader_idx, 0] += loss * y.numel()
         self._eval_sums[dataloader_idx, 1] += y.numel()
 
@@ -217,6 +230,7 @@ class LanguageModel(L.LightningModule):
     # --- checkpoints: the RNG streams, so that a resumed run draws what the uninterrupted one would --
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = capture_rng_state()
+        self._write_train_metrics()
         for logger in self.loggers:  # flushed: a run killed after this checkpoint keeps the points logged before it
             logger.save()
 
@@ -241,6 +255,29 @@ class LanguageModel(L.LightningModule):
                 f"checkpoint {path} does not match the config: it has {', '.join(differences)}; resume with the "
                 "config it was trained with (its run's .hydra/config.yaml) or start a new run"
             )
+
+
+def grads_in_place(module: LanguageModel, accumulate: int) -> bool:
+    """Under CUDA graphs, accumulating micro-batches needs gradient buffers of our own, added to in place: a
+    gradient set from None would be the graph's output buffer, which the next micro-batch overwrites. Without
+    accumulation the graph's buffers are used as they are (no copy, no zeroing). Allocates them if needed."""
+    if not (module._cudagraphs and accumulate > 1):
+        return False
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return True
+
+
+def copy_to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of `values` on the host, without waiting for the device: read it after event.synchronize()."""
+    if not values.is_cuda:
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def capture_rng_state() -> dict:

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from lmtrain.bench import main as bench_main
 from lmtrain.bench_train import flops_per_token, peak_flops
-from lmtrain.losses import chunked_linear_cross_entropy
+from lmtrain.build import check_device_options
+from lmtrain.errors import UserError
+from lmtrain.losses import chunked_linear_cross_entropy, fused_linear_cross_entropy
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.optim import Combined, OptimConfig, build_optimizer, step_unless_found_inf
 from lmtrain.train import train
@@ -79,6 +81,71 @@ def test_model_loss_with_chunks_equals_the_full_loss():
     full = model.loss(idx[:, :-1], idx[:, 1:])
     chunked = model.loss(idx[:, :-1], idx[:, 1:], chunk_rows=20)
     assert torch.allclose(full, chunked, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype):
+    pytest.importorskip("triton")  # in the dev extra; without a GPU the kernel runs in Triton's interpreter
+    torch.manual_seed(0)
+    vocab, padded = 100, 128
+    hidden = torch.randn(70, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(padded, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(vocab, (70,))
+    expected = F.cross_entropy((hidden @ weight[:vocab].T).float(), targets)
+    expected.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = fused_linear_cross_entropy(hidden, weight, targets, vocab)
+    (2 * loss).backward()  # the incoming gradient is honoured
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-3
+    assert torch.allclose(loss, expected, atol=tolerance)
+    assert torch.allclose(hidden.grad.float(), 2 * grads[0].float(), atol=tolerance)
+    assert torch.allclose(weight.grad.float(), 2 * grads[1].float(), atol=tolerance)
+    assert weight.grad[vocab:].abs().sum() == 0  # the padding rows are never predicted
+    with torch.no_grad():  # evaluation: the loss alone
+        assert torch.allclose(fused_linear_cross_entropy(hidden, weight, targets, vocab), expected, atol=tolerance)
+
+
+def test_model_loss_fused_equals_the_full_loss():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    idx = torch.randint(65, (3, 17))
+    full = model.loss(idx[:, :-1], idx[:, 1:])
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fused = model.loss(idx[:, :-1], idx[:, 1:], fused=True)
+    fused.backward()
+    assert torch.allclose(full, fused, atol=1e-6)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
+
+
+def test_training_with_the_fused_loss_follows_the_plain_loss(tmp_path):
+    pytest.importorskip("triton")
+    losses = {}
+    for fused in ("false", "true"):
+        cfg = compose(
+            "experiment=smoke",
+            f"output_dir={tmp_path / fused}",
+            "trainer.max_steps=10",
+            "trainer.batch_size=4",
+            "trainer.eval_interval=10",
+            "trainer.eval_batches=1",
+            "callbacks.progress_bar=null",
+            "callbacks.model_summary=null",
+            f"model.fused_loss={fused}",
+        )
+        losses[fused] = train(cfg)
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+def test_fused_loss_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="model.fused_loss=true runs a Triton kernel.*model.fused_loss=false"):
+        check_device_options(compose("experiment=smoke", "model.fused_loss=true"))
+    check_device_options(compose("experiment=smoke"))  # the default needs neither
 
 
 def test_flops_per_token_of_a_small_config_counted_by_hand():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,7 +91,7 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
 def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
     """The GPTConfig fields: the model group without the compile switches, the vocabulary from the tokenizer."""
     arguments = to_container(cfg.model)
-    for key in ("compile", "compile_mode", "loss_chunk_rows"):
+    for key in ("compile", "compile_mode", "loss_chunk_rows", "fused_loss"):
         arguments.pop(key)
     if arguments["vocab_size"] is not None and arguments["vocab_size"] < vocab_size:
         raise UserError(
@@ -111,6 +113,7 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
         compile=cfg.model.compile,
         compile_mode=cfg.model.compile_mode,
         loss_chunk_rows=cfg.model.loss_chunk_rows,
+        fused_loss=cfg.model.fused_loss,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         tokenizer=corpus.tokenizer,
     )
@@ -132,7 +135,8 @@ def build_logger(cfg: DictConfig):
         return instantiate(cfg.logger)
 
 
-def check_precision(cfg: DictConfig) -> None:
+def check_device_options(cfg: DictConfig) -> None:
+    """Options that need a GPU (or the Triton interpreter, for the fused loss) fail before anything starts."""
     precision, accelerator = cfg.trainer.precision, cfg.trainer.accelerator
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if precision.startswith("bf16") and not (on_gpu and torch.cuda.is_bf16_supported()):
@@ -141,6 +145,12 @@ def check_precision(cfg: DictConfig) -> None:
         )
     if precision == "16-mixed" and not on_gpu:
         raise UserError("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
+    triton_runs = importlib.util.find_spec("triton") and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1")
+    if cfg.model.fused_loss and not triton_runs:
+        raise UserError(
+            "model.fused_loss=true runs a Triton kernel: it needs a CUDA GPU and the triton package; "
+            "set model.fused_loss=false"
+        )
 
 
 def build_strategy(cfg: DictConfig):
@@ -154,7 +164,7 @@ def build_strategy(cfg: DictConfig):
 
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
     t = cfg.trainer
-    check_precision(cfg)
+    check_device_options(cfg)
     torch.set_float32_matmul_precision(t.matmul_precision)
     accumulate = accumulation(cfg)
     trainer = L.Trainer(

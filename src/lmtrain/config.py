@@ -25,6 +25,7 @@ class ModelConfig(GPTConfig):
     compile: bool = False  # torch.compile the training loss (model forward + cross-entropy)
     compile_mode: str | None = None  # None (default), "reduce-overhead" (CUDA graphs), "max-autotune"
     loss_chunk_rows: int = 0  # > 0: the head's cross-entropy a slice of rows at a time (saves the logits' memory)
+    fused_loss: bool = False  # the head's cross-entropy and its gradient in one Triton kernel (CUDA)
 
 
 @dataclass
@@ -197,6 +198,10 @@ def validate(cfg: DictConfig) -> None:
     )
     need(m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1")
     need(m.loss_chunk_rows >= 0, f"model.loss_chunk_rows={m.loss_chunk_rows} must be 0 (off) or positive")
+    need(
+        not (m.fused_loss and m.loss_chunk_rows),
+        "model.fused_loss and model.loss_chunk_rows are two ways to compute the loss: turn one of them off",
+    )
     need(
         m.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         f"model.compile_mode={m.compile_mode!r} must be null, default, reduce-overhead or max-autotune",

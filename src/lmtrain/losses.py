@@ -1,9 +1,10 @@
-"""Cross-entropy of the language-model head without materialising all the logits.
+"""Cross-entropy of the language-model head, two ways around the size of its logits.
 
 The logits of one micro-batch of the seed recipe are 16384 x 50304 (1.65 GB in bf16, twice that in
 fp32). `chunked_linear_cross_entropy` computes the head, the loss and the head's gradients a slice of
 rows at a time during the forward pass, and keeps only the gradients (the size of the hidden states
-and of the weight) for the backward pass.
+and of the weight) for the backward pass. `fused_linear_cross_entropy` keeps the whole head but turns
+its logits into their own gradient in one Triton kernel (no fp32 copy, half the memory traffic).
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int, chunk_rows: int):
         # hidden (N, C), weight (V_padded, C), targets (N,): the mean loss over the N rows
-        compute_dtype = (
-            torch.get_autocast_dtype(hidden.device.type)
-            if torch.is_autocast_enabled(hidden.device.type)
-            else hidden.dtype
-        )
+        compute_dtype = _compute_dtype(hidden)
         head = weight[:vocab_size].to(compute_dtype)
         n = hidden.size(0)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -59,3 +61,41 @@ def chunked_linear_cross_entropy(
             for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows))
         ) / hidden.size(0)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_rows)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size: int):
+        # hidden (N, C), weight (V_padded, C), targets (N,): the mean loss over the N rows
+        from .kernels import cross_entropy_rows_
+
+        compute_dtype = _compute_dtype(hidden)
+        rows, head = hidden.to(compute_dtype), weight.to(compute_dtype)
+        logits = rows @ head.T  # (N, V_padded); becomes d(mean loss)/d(logits) in place
+        losses = cross_entropy_rows_(logits, targets, vocab_size, grad=True)
+        ctx.save_for_backward(rows, head, logits)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        rows, head, grad_logits = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden = (grad_logits @ head).to(hidden_dtype) * grad_loss
+        grad_weight = (grad_logits.T @ rows).to(weight_dtype) * grad_loss
+        return grad_hidden, grad_weight, None, None
+
+
+@torch.compiler.disable  # a Triton kernel of our own: torch.compile stops before it and resumes after
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """mean_i CE(hidden_i @ weight[:vocab_size].T, targets_i), the loss and its gradient in one Triton kernel."""
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size)
+    from .kernels import cross_entropy_rows_
+
+    compute_dtype = _compute_dtype(hidden)
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    return cross_entropy_rows_(logits, targets, vocab_size, grad=False).mean()

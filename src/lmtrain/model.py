@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import chunked_linear_cross_entropy
+from .losses import chunked_linear_cross_entropy, fused_linear_cross_entropy
 
 
 @dataclass
@@ -192,16 +192,20 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) over the real vocabulary; the padding ids are never predicted."""
         return self.lm_head(self.hidden_states(idx, cache))[..., : self.config.vocab_size]
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0, fused: bool = False) -> torch.Tensor:
         """Mean next-token cross-entropy in nats; logits in float32 for an accurate log-sum-exp.
 
         chunk_rows > 0: the head and the loss a slice of rows at a time, never all logits at once.
+        fused: the loss and its gradient in one Triton kernel over the head's logits (CUDA).
         """
         if chunk_rows:
             hidden = self.hidden_states(idx)
             return chunked_linear_cross_entropy(
                 hidden, self.lm_head.weight, targets, self.config.vocab_size, chunk_rows
             )
+        if fused:
+            hidden = self.hidden_states(idx)
+            return fused_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size)
         logits = self(idx)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 

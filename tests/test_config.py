@@ -79,3 +79,11 @@ def test_all_problems_are_reported_at_once():
     with pytest.raises(UserError) as err:
         validate(compose("optim.min_lr=1.0", "model.n_head=7"))
     assert "min_lr" in str(err.value) and "n_head" in str(err.value)
+
+
+def test_fused_loss_with_chunks_or_fp16_is_named():
+    with pytest.raises(UserError, match="two ways to compute the loss"):
+        validate(compose("model.fused_loss=true", "model.loss_chunk_rows=1024"))
+    with pytest.raises(UserError, match="underflow.*precision=bf16 or model.fused_loss=false"):
+        validate(compose("model.fused_loss=true", "precision=fp16"))
+    validate(compose("model.fused_loss=true"))  # bf16, the whole head: fine

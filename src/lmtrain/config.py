@@ -203,6 +203,11 @@ def validate(cfg: DictConfig) -> None:
         "model.fused_loss and model.loss_chunk_rows are two ways to compute the loss: turn one of them off",
     )
     need(
+        not (m.fused_loss and t.precision == "16-mixed"),
+        "model.fused_loss writes the loss's gradient in fp16 before the GradScaler scales it (small ones would "
+        "underflow to 0): use precision=bf16 or model.fused_loss=false",
+    )
+    need(
         m.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         f"model.compile_mode={m.compile_mode!r} must be null, default, reduce-overhead or max-autotune",
     )

@@ -87,3 +87,8 @@ def test_fused_loss_with_chunks_or_fp16_is_named():
     with pytest.raises(UserError, match="underflow.*precision=bf16 or model.fused_loss=false"):
         validate(compose("model.fused_loss=true", "precision=fp16"))
     validate(compose("model.fused_loss=true"))  # bf16, the whole head: fine
+
+
+def test_a_zero_width_is_named_not_a_crash():  # found by the override fuzz test
+    with pytest.raises(UserError, match="model.n_embd=0 must be at least 1"):
+        validate(compose("model.n_layer=0", "model.n_embd=0"))

@@ -184,7 +184,7 @@ def validate(cfg: DictConfig) -> None:
 
     for key in ("n_layer", "n_head", "n_embd", "block_size"):
         need(m[key] >= 1, f"model.{key}={m[key]} must be at least 1")
-    if m.n_head >= 1:
+    if m.n_head >= 1 and m.n_embd >= 1:  # (below 1: named just above)
         need(
             m.n_embd % m.n_head == 0,
             f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "

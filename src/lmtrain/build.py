@@ -145,8 +145,8 @@ def check_device_options(cfg: DictConfig) -> None:
         )
     if precision == "16-mixed" and not on_gpu:
         raise UserError("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
-    triton_runs = importlib.util.find_spec("triton") and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1")
-    if cfg.model.fused_loss and not triton_runs:
+    triton_runs = on_gpu or os.environ.get("TRITON_INTERPRET") == "1"
+    if cfg.model.fused_loss and not (triton_runs and importlib.util.find_spec("triton")):
         raise UserError(
             "model.fused_loss=true runs a Triton kernel: it needs a CUDA GPU and the triton package; "
             "set model.fused_loss=false"

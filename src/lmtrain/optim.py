@@ -125,7 +125,7 @@ class Combined(torch.optim.Optimizer):
         for optimizer in self.optimizers:
             if found_inf is None:
                 optimizer.step()
-            elif optimizer.defaults.get("fused"):
+            elif skips_on_device(optimizer):
                 optimizer.found_inf = found_inf
                 optimizer.step()
             else:

@@ -84,8 +84,13 @@ def test_model_loss_with_chunks_equals_the_full_loss():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype):
+@pytest.mark.parametrize("block", [None, 32])  # 32: a row in four blocks, the last one part padding
+def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, block, monkeypatch):
     pytest.importorskip("triton")  # in the dev extra; without a GPU the kernel runs in Triton's interpreter
+    if block:
+        from lmtrain import kernels
+
+        monkeypatch.setattr(kernels, "BLOCK", block)
     torch.manual_seed(0)
     vocab, padded = 100, 128
     hidden = torch.randn(70, 16, dtype=dtype, requires_grad=True)
@@ -138,6 +143,32 @@ def test_training_with_the_fused_loss_follows_the_plain_loss(tmp_path):
         )
         losses[fused] = train(cfg)
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(tmp_path):
+    def best_val(name, *overrides):
+        return train(
+            compose(
+                "experiment=smoke",
+                f"output_dir={tmp_path / name}",
+                "trainer.max_steps=10",
+                "trainer.batch_size=4",
+                "trainer.eval_interval=10",
+                "trainer.eval_batches=1",
+                "callbacks.progress_bar=null",
+                "callbacks.model_summary=null",
+                *overrides,
+            )
+        )
+
+    # a clip value every step exceeds: fused AdamW divides the gradients inside its step (grad_scale),
+    # foreach AdamW gets them from clip_grad_norm_
+    clipped = {
+        fused: best_val(fused, f"optim.fused={fused}", "trainer.gradient_clip_val=0.01") for fused in ("true", "false")
+    }
+    unclipped = best_val("unclipped", "optim.fused=true", "trainer.gradient_clip_val=null")
+    assert clipped["true"] == pytest.approx(clipped["false"], abs=2e-5)  # 2.4e-7 apart here
+    assert abs(unclipped - clipped["true"]) > 5e-4  # Adam barely feels a rescaled gradient; 1.7e-3 apart
 
 
 def test_fused_loss_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):

@@ -81,9 +81,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         rows, head, grad_logits = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        grad_hidden = (grad_logits @ head).to(hidden_dtype) * grad_loss
-        grad_weight = (grad_logits.T @ rows).to(weight_dtype) * grad_loss
+        grad_hidden = _matmul(grad_logits, head, hidden_dtype).mul_(grad_loss)
+        # the weight's gradient is (V_padded, C): scale the small operand, not the product
+        grad_weight = _matmul(grad_logits.T, rows * grad_loss.to(rows.dtype), weight_dtype)
         return grad_hidden, grad_weight, None, None
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b written in out_dtype; on CUDA a bf16 product goes straight to float32, without a copy."""
+    if a.is_cuda and a.dtype != out_dtype:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return (a @ b).to(out_dtype)
 
 
 @torch.compiler.disable  # a Triton kernel of our own: torch.compile stops before it and resumes after

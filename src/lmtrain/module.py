@@ -95,6 +95,10 @@ class LanguageModel(L.LightningModule):
         wrapped = self.trainer.model
         if hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over every rank's shard
             norm = wrapped.clip_grad_norm_(max_norm)
+        elif optimizer.defaults.get("fused"):
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+            # fused AdamW divides the gradients by grad_scale as it reads them: clipping without a pass of its own
+            optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
         bad = (~torch.isfinite(norm)).float()  # 0-d: 1.0 for a step to skip

@@ -126,40 +126,32 @@ def test_model_loss_fused_equals_the_full_loss():
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
 
 
-def test_training_with_the_fused_loss_follows_the_plain_loss(tmp_path):
-    pytest.importorskip("triton")
-    losses = {}
-    for fused in ("false", "true"):
-        cfg = compose(
+def ten_step_best_val(output_dir, *overrides) -> float:
+    """Best val loss of 10 small smoke steps with one evaluation at the end."""
+    return train(
+        compose(
             "experiment=smoke",
-            f"output_dir={tmp_path / fused}",
+            f"output_dir={output_dir}",
             "trainer.max_steps=10",
             "trainer.batch_size=4",
             "trainer.eval_interval=10",
             "trainer.eval_batches=1",
             "callbacks.progress_bar=null",
             "callbacks.model_summary=null",
-            f"model.fused_loss={fused}",
+            *overrides,
         )
-        losses[fused] = train(cfg)
+    )
+
+
+def test_training_with_the_fused_loss_follows_the_plain_loss(tmp_path):
+    pytest.importorskip("triton")
+    losses = {fused: ten_step_best_val(tmp_path / fused, f"model.fused_loss={fused}") for fused in ("false", "true")}
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
 
 
 def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(tmp_path):
     def best_val(name, *overrides):
-        return train(
-            compose(
-                "experiment=smoke",
-                f"output_dir={tmp_path / name}",
-                "trainer.max_steps=10",
-                "trainer.batch_size=4",
-                "trainer.eval_interval=10",
-                "trainer.eval_batches=1",
-                "callbacks.progress_bar=null",
-                "callbacks.model_summary=null",
-                *overrides,
-            )
-        )
+        return ten_step_best_val(tmp_path / name, *overrides)
 
     # a clip value every step exceeds: fused AdamW divides the gradients inside its step (grad_scale),
     # foreach AdamW gets them from clip_grad_norm_

@@ -69,9 +69,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # hidden (N, C), weight (V_padded, C), targets (N,): the mean loss over the N rows
         from .kernels import cross_entropy_rows_
 
-        compute_dtype = _compute_dtype(hidden)
-        rows, head = hidden.to(compute_dtype), weight.to(compute_dtype)
-        logits = rows @ head.T  # (N, V_padded); becomes d(mean loss)/d(logits) in place
+        rows, head, logits = _head_logits(hidden, weight)  # logits become d(mean loss)/d(logits) in place
         losses = cross_entropy_rows_(logits, targets, vocab_size, grad=True)
         ctx.save_for_backward(rows, head, logits)
         ctx.dtypes = hidden.dtype, weight.dtype
@@ -85,6 +83,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # the weight's gradient is (V_padded, C): scale the small operand, not the product
         grad_weight = _matmul(grad_logits.T, rows * grad_loss.to(rows.dtype), weight_dtype)
         return grad_hidden, grad_weight, None, None
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden and weight in the compute dtype, and the logits (N, V_padded) they make."""
+    compute_dtype = _compute_dtype(hidden)
+    rows, head = hidden.to(compute_dtype), weight.to(compute_dtype)
+    return rows, head, rows @ head.T
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -104,6 +109,4 @@ def fused_linear_cross_entropy(
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size)
     from .kernels import cross_entropy_rows_
 
-    compute_dtype = _compute_dtype(hidden)
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
-    return cross_entropy_rows_(logits, targets, vocab_size, grad=False).mean()
+    return cross_entropy_rows_(_head_logits(hidden, weight)[2], targets, vocab_size, grad=False).mean()

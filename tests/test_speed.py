@@ -84,8 +84,15 @@ def test_model_loss_with_chunks_equals_the_full_loss():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block", [None, 32])  # 32: a row in four blocks, the last one part padding
-def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, block, monkeypatch):
+@pytest.mark.parametrize(
+    "block, spike",
+    [
+        (None, False),
+        (32, False),  # a row in four blocks, the last one part padding
+        (32, True),  # a column of the third block far above the first block's logits: its rows are rescaled
+    ],
+)
+def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, block, spike, monkeypatch):
     pytest.importorskip("triton")  # in the dev extra; without a GPU the kernel runs in Triton's interpreter
     if block:
         from lmtrain import kernels
@@ -93,9 +100,13 @@ def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, blo
         monkeypatch.setattr(kernels, "BLOCK", block)
     torch.manual_seed(0)
     vocab, padded = 100, 128
-    hidden = torch.randn(70, 16, dtype=dtype, requires_grad=True)
-    weight = torch.randn(padded, 16, dtype=dtype, requires_grad=True)
+    hidden = torch.randn(70, 16, dtype=dtype)
+    weight = torch.randn(padded, 16, dtype=dtype)
     targets = torch.randint(vocab, (70,))
+    if spike:
+        weight[90] *= 10
+        targets[::3] = 90
+    hidden.requires_grad_(), weight.requires_grad_()
     expected = F.cross_entropy((hidden @ weight[:vocab].T).float(), targets)
     expected.backward()
     grads = hidden.grad.clone(), weight.grad.clone()

@@ -1,8 +1,10 @@
 """Triton kernels; imported only when a fused option is on (on a machine without a GPU, under TRITON_INTERPRET=1).
 
-`cross_entropy_rows_`: the loss of each row of logits and, in the same kernel, the gradient of the mean loss
-written over the logits. One read of the logits for the log-sum-exp, one more (partly from L2) and one write
-for the gradient: compiled PyTorch needs two kernels and twice the memory traffic for the same result.
+`softmax_numerators_`: the cross-entropy of each row of logits and, in the same single pass, the numerators
+of its gradient written over the logits: exp(logit - shift) for every column, exp(logit[target] - shift) - Z
+at the target, so that d(row loss)/d(logits) = numerators / Z (Z the row's sum of exp(logit - shift)). One
+read and one write of the logits; the division by Z is a per-row scale the backward matmuls apply to their
+small operand or result. Compiled PyTorch needs two kernels and more than twice the traffic for the same.
 """
 
 from __future__ import annotations
@@ -12,61 +14,98 @@ import triton
 import triton.language as tl
 
 BLOCK = 8192  # columns per iteration: a row of the GPT-2 head (50304) is 7 blocks
+# exp(20) keeps bf16/fp32 numerators and their sums far from overflow; float16 ends at 65504 (exp(11.1)).
+HEADROOM = {torch.float16: 10.0, torch.bfloat16: 20.0, torch.float32: 20.0}
 
 
 @triton.jit
-def _cross_entropy_rows(
+def _scale_columns_(row_ptr, end, factor, BLOCK: tl.constexpr):
+    tl.debug_barrier()  # every thread sees the numerators other threads of this program wrote
+    for start in range(0, end, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < end).to(tl.float32)
+        tl.store(row_ptr + cols, (x * factor).to(row_ptr.dtype.element_ty), mask=cols < end)
+
+
+@triton.jit
+def _softmax_numerators_rows(
     logits_ptr,  # (N, padded) the head's output; padded columns are never predicted
     row_stride,
     targets_ptr,  # (N,) int64
-    losses_ptr,  # (N,) float32 out: log Z - logit[target]
+    losses_ptr,  # (N,) float32 out: shift + log Z - logit[target]
+    inv_sums_ptr,  # (N,) float32 out: 1 / Z
     vocab_size,
     padded_size,
-    grad_scale,  # d(loss)/d(row loss): 1 / N for a mean
     BLOCK: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
+    HEADROOM: tl.constexpr,  # how far above the first block's maximum a logit may be and keep the fast path
+    NORMALIZE: tl.constexpr,  # float16: divide by Z in the kernel, or the target's numerator overflows
+    WRITE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
     target = tl.load(targets_ptr + row)
-    # online log-sum-exp in float32: running maximum and the sum of exp(x - maximum)
-    maximum = float("-inf")
-    total = 0.0
-    for start in range(0, vocab_size, BLOCK):
+    target_logit = tl.load(row_ptr + target).to(tl.float32)
+    # Fast path: numerators exp(x - anchor), anchor the first block's maximum, written as each block is read.
+    # A block whose maximum rises HEADROOM above the anchor ends it: from there the row keeps an online
+    # log-sum-exp (shift = running maximum) and is written after the loop, with what was written rescaled.
+    anchor = float("-inf")
+    shift = float("-inf")
+    total = 0.0  # sum of exp(x - shift) so far, in float32
+    written = 0  # columns written with the anchor as their shift
+    for start in range(0, padded_size, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
-        new_maximum = tl.maximum(maximum, tl.max(x, axis=0))
-        total = total * tl.exp(maximum - new_maximum) + tl.sum(tl.exp(x - new_maximum), axis=0)
-        maximum = new_maximum
-    log_z = maximum + tl.log(total)
-    tl.store(losses_ptr + row, log_z - tl.load(row_ptr + target).to(tl.float32))
-    if WRITE_GRAD:  # d(row loss)/d(logits) = softmax - onehot(target); 0 on the padding
-        n_blocks = tl.cdiv(padded_size, BLOCK)
-        for i in range(0, n_blocks):  # last block first: the blocks read last are the likeliest still in L2
-            cols = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
-            grad = tl.exp(x - log_z) - tl.where(cols == target, 1.0, 0.0)
-            tl.store(row_ptr + cols, (grad * grad_scale).to(logits_ptr.dtype.element_ty), mask=cols < padded_size)
+        block_maximum = tl.max(x, axis=0)
+        anchor = tl.where(start == 0, block_maximum, anchor)
+        fast = (written == start) & (block_maximum <= anchor + HEADROOM)
+        new_shift = tl.where(fast, anchor, tl.maximum(shift, block_maximum))
+        numerators = tl.exp(x - new_shift)  # 0 on the padding
+        total = total * tl.exp(shift - new_shift) + tl.sum(numerators, axis=0)
+        shift = new_shift
+        if WRITE:
+            if fast:  # the target's column too (a mask that spares it costs 3x: no vector stores)
+                tl.store(row_ptr + cols, numerators.to(logits_ptr.dtype.element_ty), mask=cols < padded_size)
+                written = start + BLOCK
+    log_z = shift + tl.log(total)
+    tl.store(losses_ptr + row, log_z - target_logit)
+    if WRITE:
+        if written < padded_size:  # rare: the slow path's rows
+            _scale_columns_(row_ptr, written, tl.exp(anchor - shift), BLOCK)
+            for start in range(written, padded_size, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
+                tl.store(row_ptr + cols, tl.exp(x - shift).to(logits_ptr.dtype.element_ty), mask=cols < padded_size)
+        if NORMALIZE:
+            _scale_columns_(row_ptr, padded_size, 1.0 / total, BLOCK)
+            shift = log_z
+            total = tl.full((), 1.0, tl.float32)
+        tl.debug_barrier()  # after every thread's store of the target's column
+        tl.store(row_ptr + target, (tl.exp(target_logit - shift) - total).to(logits_ptr.dtype.element_ty))
+    tl.store(inv_sums_ptr + row, 1.0 / total)
 
 
-def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, grad: bool) -> torch.Tensor:
-    """Per-row cross-entropy (N,) in float32 of logits (N, padded) over their first vocab_size columns.
+def softmax_numerators_(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, write: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy (N,) of logits (N, padded) over their first vocab_size columns, and 1 / Z (N,).
 
-    grad=True overwrites the logits with d(mean loss)/d(logits) = (softmax - onehot) / N.
+    write=True overwrites the logits with the numerators: d(row loss)/d(logits) = logits / Z afterwards.
     """
     assert logits.stride(1) == 1 and targets.shape == logits.shape[:1]
-    losses = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
+    losses, inv_sums = torch.empty((2, logits.size(0)), device=logits.device, dtype=torch.float32)
     block = min(BLOCK, triton.next_power_of_2(logits.size(1)))
-    _cross_entropy_rows[(logits.size(0),)](
+    _softmax_numerators_rows[(logits.size(0),)](
         logits,
         logits.stride(0),
         targets,
         losses,
+        inv_sums,
         vocab_size,
         logits.size(1),
-        1.0 / logits.size(0),
         BLOCK=block,
-        WRITE_GRAD=grad,
+        HEADROOM=HEADROOM[logits.dtype],
+        NORMALIZE=write and logits.dtype == torch.float16,
+        WRITE=write,
         num_warps=max(1, min(8, block // 512)),  # 8 warps for 8192 columns: the fastest on the H100
     )
-    return losses
+    return losses, inv_sums

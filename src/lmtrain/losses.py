@@ -4,7 +4,7 @@ The logits of one micro-batch of the seed recipe are 16384 x 50304 (1.65 GB in b
 fp32). `chunked_linear_cross_entropy` computes the head, the loss and the head's gradients a slice of
 rows at a time during the forward pass, and keeps only the gradients (the size of the hidden states
 and of the weight) for the backward pass. `fused_linear_cross_entropy` keeps the whole head but turns
-its logits into their own gradient in one Triton kernel (no fp32 copy, half the memory traffic).
+its logits into the numerators of their own gradient in one Triton kernel (no fp32 copy, one pass).
 """
 
 from __future__ import annotations
@@ -67,21 +67,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int):
         # hidden (N, C), weight (V_padded, C), targets (N,): the mean loss over the N rows
-        from .kernels import cross_entropy_rows_
+        from .kernels import softmax_numerators_
 
-        rows, head, logits = _head_logits(hidden, weight)  # logits become d(mean loss)/d(logits) in place
-        losses = cross_entropy_rows_(logits, targets, vocab_size, grad=True)
-        ctx.save_for_backward(rows, head, logits)
+        rows, head, logits = _head_logits(hidden, weight)  # logits become their gradient's numerators in place
+        losses, inv_sums = softmax_numerators_(logits, targets, vocab_size, write=True)
+        ctx.save_for_backward(rows, head, logits, inv_sums)
         ctx.dtypes = hidden.dtype, weight.dtype
         return losses.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        rows, head, grad_logits = ctx.saved_tensors
+        rows, head, numerators, inv_sums = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        grad_hidden = _matmul(grad_logits, head, hidden_dtype).mul_(grad_loss)
-        # the weight's gradient is (V_padded, C): scale the small operand, not the product
-        grad_weight = _matmul(grad_logits.T, rows * grad_loss.to(rows.dtype), weight_dtype)
+        # d(loss)/d(logits) = row_scale * numerators: scale the (N, C) operand or result, not the (N, V) one
+        row_scale = (inv_sums * (grad_loss / rows.size(0)))[:, None]
+        grad_hidden = _matmul(numerators, head, torch.float32).mul_(row_scale).to(hidden_dtype)
+        grad_weight = _matmul(numerators.T, rows * row_scale.to(rows.dtype), weight_dtype)
         return grad_hidden, grad_weight, None, None
 
 
@@ -107,6 +108,6 @@ def fused_linear_cross_entropy(
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size)
-    from .kernels import cross_entropy_rows_
+    from .kernels import softmax_numerators_
 
-    return cross_entropy_rows_(_head_logits(hidden, weight)[2], targets, vocab_size, grad=False).mean()
+    return softmax_numerators_(_head_logits(hidden, weight)[2], targets, vocab_size, write=False)[0].mean()

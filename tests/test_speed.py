@@ -15,6 +15,7 @@ from lmtrain.build import check_device_options
 from lmtrain.errors import UserError
 from lmtrain.losses import chunked_linear_cross_entropy, fused_linear_cross_entropy
 from lmtrain.model import GPT, GPTConfig
+from lmtrain.module import LanguageModel
 from lmtrain.optim import Combined, OptimConfig, build_optimizer, step_unless_found_inf
 from lmtrain.train import train
 
@@ -137,15 +138,15 @@ def test_model_loss_fused_equals_the_full_loss():
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
 
 
-def ten_step_best_val(output_dir, *overrides) -> float:
-    """Best val loss of 10 small smoke steps with one evaluation at the end."""
+def ten_step_best_val(output_dir, *overrides, eval_interval: int = 10) -> float:
+    """Best val loss of 10 small smoke steps, evaluated every eval_interval steps (once, at the end)."""
     return train(
         compose(
             "experiment=smoke",
             f"output_dir={output_dir}",
             "trainer.max_steps=10",
             "trainer.batch_size=4",
-            "trainer.eval_interval=10",
+            f"trainer.eval_interval={eval_interval}",
             "trainer.eval_batches=1",
             "callbacks.progress_bar=null",
             "callbacks.model_summary=null",
@@ -172,6 +173,24 @@ def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(tmp_path):
     unclipped = best_val("unclipped", "optim.fused=true", "trainer.gradient_clip_val=null")
     assert clipped["true"] == pytest.approx(clipped["false"], abs=2e-5)  # 2.4e-7 apart here
     assert abs(unclipped - clipped["true"]) > 5e-4  # Adam barely feels a rescaled gradient; 1.7e-3 apart
+
+
+def test_gradient_buffers_accumulated_in_place_outlive_the_evaluations(tmp_path, monkeypatch):
+    # Under CUDA graphs with accumulation (reduce-overhead on a GPU) the gradients are buffers of our own, added
+    # to in place; were they freed before an evaluation, as Lightning does, the next micro-batch's gradient
+    # would be the graph's output buffer, and the one after it would overwrite it.
+    started = []
+    on_train_start = LanguageModel.on_train_start
+
+    def on_train_start_under_cuda_graphs(self):
+        self._cudagraphs = True  # what model.compile_mode=reduce-overhead sets on a GPU
+        on_train_start(self)
+        started.append((self, [p.grad for p in self.parameters()]))
+
+    monkeypatch.setattr(LanguageModel, "on_train_start", on_train_start_under_cuda_graphs)
+    ten_step_best_val(tmp_path, "trainer.accumulate_grad_batches=2", eval_interval=5)
+    module, buffers = started[0]
+    assert all(p.grad is buffer for p, buffer in zip(module.parameters(), buffers, strict=True))
 
 
 def test_fused_loss_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):

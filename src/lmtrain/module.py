@@ -75,6 +75,13 @@ class LanguageModel(L.LightningModule):
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self._grads_in_place)
 
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees the gradients before each evaluation. Buffers that accumulate in place must stay: a
+        # gradient set from None is the CUDA graph's output, which the next micro-batch overwrites (measured:
+        # seed val 5.68 instead of 5.59 at step 100 with evaluations every 50 steps).
+        if not self._grads_in_place:
+            super().on_validation_model_zero_grad()
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # first step after a resume: continue the saved RNG streams
             restore_rng_state(self._rng_to_restore)

@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# On a GPU, the fastest measured options: the same recipe, ~1.2x nanoGPT's step on an H100 (docs/benchmarks.md).
+GPU_FAST := model.compile=true model.compile_mode=reduce-overhead model.fused_loss=true
 # Offline machines: point the downloads at a local mirror (tests and CI use ../shared/data).
 export LMTRAIN_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data))
 
@@ -21,8 +23,8 @@ install: $(VENV)/.installed
 # The lesson's build-along on a CUDA GPU; a CPU preset (under 5 minutes on 2 cores) elsewhere.
 train: install
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		echo "make train: CUDA found -> experiment=seed (the lesson's build-along: GPT-2 BPE, 10M model, bf16)"; \
-		$(PY) -m lmtrain.train experiment=seed $(ARGS); \
+		echo "make train: CUDA found -> experiment=seed $(GPU_FAST) (the lesson's build-along: GPT-2 BPE, 10M model, bf16)"; \
+		$(PY) -m lmtrain.train experiment=seed $(GPU_FAST) $(ARGS); \
 	else \
 		echo "make train: no CUDA -> experiment=cpu (character model, under 5 minutes on 2 cores)"; \
 		$(PY) -m lmtrain.train experiment=cpu $(ARGS); \
@@ -31,12 +33,10 @@ train: install
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-# Our training speed for the recipe `make train` would run (on a GPU with its fastest measured options);
-# add --raw in ARGS for the plain loop.
+# Our training speed for the recipe `make train` runs; add --raw in ARGS for the plain loop.
 bench: install
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(PY) -m lmtrain.bench train experiment=seed model.compile=true model.compile_mode=reduce-overhead \
-			model.fused_loss=true $(ARGS); \
+		$(PY) -m lmtrain.bench train experiment=seed $(GPU_FAST) $(ARGS); \
 	else \
 		$(PY) -m lmtrain.bench train experiment=cpu $(ARGS); \
 	fi

@@ -215,7 +215,10 @@ def test_peak_flops_is_looked_up_by_the_device_name(monkeypatch):
     h100 = peak_flops(torch.device("cuda"), "bf16-mixed")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     a100 = peak_flops(torch.device("cuda"), "bf16-mixed")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    h200 = peak_flops(torch.device("cuda"), "bf16-mixed")  # dense, as the H100 SXM; not in Lightning's table
     assert h100 == pytest.approx(989.4e12, rel=0.01) and a100 == pytest.approx(312e12, rel=0.01)
+    assert h200 == h100
     assert peak_flops(torch.device("cpu"), "32-true") is None
 
 

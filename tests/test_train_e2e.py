@@ -8,10 +8,12 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from lmtrain.check import accumulation_check
+from lmtrain.train import train
 
-from .conftest import run_cli, scalars, smoke
+from .conftest import compose, run_cli, scalars, smoke
 
 TAGS = {"train/loss", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/ppl", "val/bpc"}
 
@@ -125,3 +127,29 @@ def test_checkpoint_from_another_model_is_a_clear_error(smoke_run, tmp_path):
 def test_accumulated_gradients_equal_the_whole_batch_through_the_trainer():
     difference, match = accumulation_check(batch_size=8, micro_batches=4)
     assert match and difference < 1e-6
+
+
+def test_the_progress_bar_counts_optimizer_steps(tmp_path, monkeypatch):
+    seen = []
+    on_train_epoch_end = RichProgressBar.on_train_epoch_end
+
+    def recording(self, trainer, pl_module):
+        on_train_epoch_end(self, trainer, pl_module)
+        task = self.train_progress_bar
+        seen.append((task.description, task.completed, task.total))
+
+    monkeypatch.setattr(RichProgressBar, "on_train_epoch_end", recording)  # the configured bar's base
+    train(
+        compose(
+            "experiment=smoke",
+            f"output_dir={tmp_path}",
+            "trainer.max_steps=6",
+            "optim.warmup_steps=2",
+            "trainer.accumulate_grad_batches=2",  # Lightning's own bar: 12/6, "Epoch 0/-2"
+            "trainer.eval_interval=6",
+            "trainer.eval_batches=1",
+            "callbacks.model_summary=null",
+        )
+    )
+    description, completed, total = seen[-1]
+    assert (completed, total) == (6, 6) and description.strip() == "Training"

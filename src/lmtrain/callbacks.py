@@ -1,4 +1,5 @@
-"""Callbacks: a sample at each evaluation, tokens per second, the run's summary.json and its checkpoints."""
+"""Callbacks: progress in optimizer steps, a sample at each evaluation, tokens per second, the run's summary.json
+and its checkpoints."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from .fileio import atomic_write_bytes
@@ -32,6 +33,24 @@ def generate_text(pl_module: L.LightningModule, prompt: str, max_new_tokens: int
     with pl_module.trainer.precision_plugin.forward_context():
         out = pl_module.model.generate(idx, max_new_tokens, generator=generator, **options)
     return tokenizer.decode(out[0].tolist())
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress counted in optimizer steps ("Training 120/600"). Lightning's bar counts micro-batches
+    against a total of optimizer steps (2400/600 under accumulation of 4) and titles the one endless epoch
+    of a step-bounded run "Epoch 0/-2"."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'Training':{len(self.validation_description)}}"
+
+    def _update(self, progress_bar_id, current: int, visible: bool = True, hard: bool = False) -> None:
+        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id:
+            current = self.trainer.global_step
+        super()._update(progress_bar_id, current, visible, hard)
 
 
 class SampleText(Callback):

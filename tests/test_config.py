@@ -68,6 +68,7 @@ def test_wrong_type_is_a_composition_error():
         ("data.block_size=512", "block_size"),
         ("trainer.batch_size=0", "batch_size"),
         ("model.dropout=1.5", "dropout"),
+        ("model.compile_scope=layers", "compile_scope='layers' must be model or blocks"),
     ],
 )
 def test_impossible_values_are_named(override, words):
@@ -87,6 +88,12 @@ def test_fused_loss_with_chunks_or_fp16_is_named():
     with pytest.raises(UserError, match="underflow.*precision=bf16 or model.fused_loss=false"):
         validate(compose("model.fused_loss=true", "precision=fp16"))
     validate(compose("model.fused_loss=true"))  # bf16, the whole head: fine
+
+
+def test_compiled_blocks_under_fsdp_are_named():
+    with pytest.raises(UserError, match="before FSDP wraps them"):
+        validate(compose("trainer=fsdp", "model.compile=true", "model.compile_scope=blocks"))
+    validate(compose("trainer=fsdp", "model.compile=true"))
 
 
 def test_a_zero_width_is_named_not_a_crash():  # found by the override fuzz test

@@ -36,6 +36,7 @@ from .conftest import SHAKESPEARE, compose
         "trainer.matmul_precision=high",
         "trainer.eval_batches=null",
         "model.compile=true",
+        "model.compile=true model.compile_scope=blocks",
     ],
 )
 def test_each_option_composes_and_trains_the_smoke_experiment(tmp_path, option):
@@ -49,7 +50,7 @@ def test_each_option_composes_and_trains_the_smoke_experiment(tmp_path, option):
         "trainer.max_steps=40",
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
-        option,
+        *option.split(),
     )
     best = train(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -82,6 +83,27 @@ def test_model_loss_with_chunks_equals_the_full_loss():
     full = model.loss(idx[:, :-1], idx[:, 1:])
     chunked = model.loss(idx[:, :-1], idx[:, 1:], chunk_rows=20)
     assert torch.allclose(full, chunked, atol=1e-6)
+
+
+def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=65, block_size=16, n_layer=3, n_head=2, n_embd=32, dropout=0.0, rope=True)
+    eager, compiled = GPT(config), GPT(config)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    idx = torch.randint(65, (3, 17))
+    for model in (eager, compiled):
+        model.loss(idx[:, :-1], idx[:, 1:]).backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # three layers, one graph
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints are alike
+    compiled.eval()  # evaluation and generation run the eager blocks: nothing more is compiled
+    compiled.loss(idx[:, :-1], idx[:, 1:])
+    compiled.generate(idx[:, :4], 3, cuda_graph=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

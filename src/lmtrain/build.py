@@ -91,7 +91,7 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
 def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
     """The GPTConfig fields: the model group without the compile switches, the vocabulary from the tokenizer."""
     arguments = to_container(cfg.model)
-    for key in ("compile", "compile_mode", "loss_chunk_rows", "fused_loss"):
+    for key in ("compile", "compile_mode", "compile_scope", "loss_chunk_rows", "fused_loss"):
         arguments.pop(key)
     if arguments["vocab_size"] is not None and arguments["vocab_size"] < vocab_size:
         raise UserError(
@@ -112,6 +112,7 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
         chars_per_token={split: corpus.chars_per_token(split) for split in ("val", "train")},
         compile=cfg.model.compile,
         compile_mode=cfg.model.compile_mode,
+        compile_scope=cfg.model.compile_scope,
         loss_chunk_rows=cfg.model.loss_chunk_rows,
         fused_loss=cfg.model.fused_loss,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,

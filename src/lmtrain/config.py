@@ -24,6 +24,7 @@ class ModelConfig(GPTConfig):
     vocab_size: int | None = None  # None: the tokenizer's; if set, at least the tokenizer's
     compile: bool = False  # torch.compile the training loss (model forward + cross-entropy)
     compile_mode: str | None = None  # None (default), "reduce-overhead" (CUDA graphs), "max-autotune"
+    compile_scope: str = "model"  # "model": forward + loss as one graph; "blocks": one graph all blocks share
     loss_chunk_rows: int = 0  # > 0: the head's cross-entropy a slice of rows at a time (saves the logits' memory)
     fused_loss: bool = False  # the head's cross-entropy and its gradient in one Triton kernel (CUDA)
 
@@ -210,6 +211,11 @@ def validate(cfg: DictConfig) -> None:
     need(
         m.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         f"model.compile_mode={m.compile_mode!r} must be null, default, reduce-overhead or max-autotune",
+    )
+    need(m.compile_scope in ("model", "blocks"), f"model.compile_scope={m.compile_scope!r} must be model or blocks")
+    need(
+        not (m.compile and m.compile_scope == "blocks" and "fsdp" in str(t.strategy).lower()),
+        "model.compile_scope=blocks compiles the blocks before FSDP wraps them: use model.compile_scope=model",
     )
     need(
         d.block_size is None or 1 <= d.block_size <= m.block_size,

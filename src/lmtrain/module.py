@@ -47,6 +47,7 @@ class LanguageModel(L.LightningModule):
         chars_per_token: dict,
         compile: bool = False,
         compile_mode: str | None = None,
+        compile_scope: str = "model",
         loss_chunk_rows: int = 0,
         fused_loss: bool = False,
         max_nonfinite_steps: int = 10,
@@ -59,7 +60,11 @@ class LanguageModel(L.LightningModule):
         self.tokenizer = tokenizer
         self.loss_fn = partial(self.model.loss, chunk_rows=loss_chunk_rows, fused=fused_loss)
         # The compiled loss is kept out of the module tree: checkpoints hold plain `model.` keys.
-        self.train_loss = torch.compile(self.loss_fn, mode=compile_mode) if compile else self.loss_fn
+        self.train_loss = self.loss_fn
+        if compile and compile_scope == "blocks":
+            self.model.compile_blocks(compile_mode)
+        elif compile:
+            self.train_loss = torch.compile(self.loss_fn, mode=compile_mode)
         self._cudagraphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
         self._grads_in_place = False  # set when training starts; see grads_in_place
         self._rng_to_restore = None

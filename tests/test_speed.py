@@ -16,7 +16,7 @@ from lmtrain.errors import UserError
 from lmtrain.losses import chunked_linear_cross_entropy, fused_linear_cross_entropy
 from lmtrain.model import GPT, GPTConfig
 from lmtrain.module import LanguageModel
-from lmtrain.optim import Combined, OptimConfig, build_optimizer, step_unless_found_inf
+from lmtrain.optim import Combined, OptimConfig, StackedMuon, build_optimizer, step_unless_found_inf
 from lmtrain.train import train
 
 from .conftest import SHAKESPEARE, compose
@@ -256,6 +256,26 @@ def test_bench_train_writes_every_field(tmp_path, path):
     assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["ms_per_step"] * 1e3)
     assert result["flops_per_token"] > 0
     assert result["peak_flops"] is None and result["mfu"] is None and result["peak_memory_gib"] is None
+
+
+def test_stacked_muon_takes_torch_muons_steps_and_state():
+    torch.manual_seed(0)
+    shapes = [(48, 16), (48, 16), (16, 16), (16, 64), (16, 64), (16, 64)]  # tall, square and wide stacks
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    options = {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1}
+    stacked, reference = StackedMuon(ours, **options), torch.optim.Muon(theirs, **options)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        stacked.step()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-4)  # bf16 Newton-Schulz, batched vs one at a time
+        torch.testing.assert_close(stacked.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"])
+    reference.load_state_dict(stacked.state_dict())  # the same state: checkpoints load either way
+    assert torch.equal(reference.state[theirs[3]]["momentum_buffer"], stacked.state[ours[3]]["momentum_buffer"])
 
 
 def test_muon_skips_a_non_finite_step_on_the_device_exactly():

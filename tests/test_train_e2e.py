@@ -40,12 +40,24 @@ def test_smoke_run_writes_checkpoints_samples_summary_and_tensorboard(smoke_run)
 
     series = scalars(run_dir)
     assert TAGS <= set(series) and any(tag.startswith("lr") for tag in series)
+    assert sorted(dict(series["train/eval_loss"])) == [0, 20, 40, 60]  # both splits at each evaluation
     val = dict(series["val/loss"])
     assert sorted(val) == [0, 20, 40, 60] and val[60] < val[0]
     assert val[0] == pytest.approx(math.log(65), abs=0.15)  # the untrained model: uniform over 65 characters
     for step, loss in series["val/loss"]:
         assert dict(series["val/ppl"])[step] == pytest.approx(math.exp(loss), rel=1e-5)
         assert dict(series["val/bpc"])[step] == pytest.approx(loss / math.log(2), rel=1e-5)  # 1 char per token
+
+
+def test_evaluations_may_skip_the_training_split(smoke_run, tmp_path):
+    run_dir = tmp_path / "run"
+    smoke(run_dir, "trainer.eval_train=false")
+    series = scalars(run_dir)
+    assert "train/eval_loss" not in series and "train/eval_bpc" not in series
+    # the same evaluations of the validation split as with both splits: same windows, same weights
+    both = scalars(smoke_run[0])["val/loss"]
+    assert [s for s, _ in series["val/loss"]] == [s for s, _ in both]
+    assert [v for _, v in series["val/loss"]] == pytest.approx([v for _, v in both], abs=1e-4)
 
 
 def test_checkpoint_keys_are_plain_and_last_points_at_the_newest(smoke_run):

@@ -83,6 +83,7 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
             batch_size=cfg.trainer.batch_size,
             train_batches=cfg.trainer.max_steps * accumulation(cfg),
             eval_batches=cfg.trainer.eval_batches,
+            eval_train=cfg.trainer.eval_train,
             seed=cfg.seed,
             _convert_="object",
         )

@@ -86,6 +86,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     eval_interval: int = 250  # optimizer steps between evaluations
     eval_batches: int | None = 20  # None: one fixed full pass over each split
+    eval_train: bool = True  # evaluate the training split too (train/eval_loss: the overfitting gap)
     eval_at_start: bool = True  # evaluate (and sample) before the first step
     log_every_n_steps: int = 50
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient

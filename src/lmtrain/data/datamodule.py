@@ -23,6 +23,7 @@ class TextDataModule(L.LightningDataModule):
         train_batches: int,
         eval_batches: int | None,
         seed: int,
+        eval_train: bool = True,
         name: str = "shakespeare",
         path: str | None = None,
         mirror: str | None = None,
@@ -34,6 +35,7 @@ class TextDataModule(L.LightningDataModule):
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
         self.train_batches = train_batches  # micro-batches in the whole run
         self.eval_batches = eval_batches  # None: one full pass over the split
+        self.eval_train = eval_train  # the training split is evaluated after the validation split
         self.name, self.path, self.val_fraction = name, path, val_fraction
         self.mirror = Path(mirror).expanduser() if mirror else None
         self.cache_dir = Path(cache_dir).expanduser()
@@ -102,7 +104,8 @@ class TextDataModule(L.LightningDataModule):
         return FixedWindows(ids, [s.to(ids.device) for s in mine if len(s)], self.block_size)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [_loader(self.eval_windows("val")), _loader(self.eval_windows("train"))]
+        splits = ("val", "train") if self.eval_train else ("val",)
+        return [_loader(self.eval_windows(split)) for split in splits]
 
 
 def _loader(dataset) -> DataLoader:

@@ -82,6 +82,14 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, (Combined, StackedMuon))
 
 
+def loss_of(closure) -> torch.Tensor | None:
+    """What an optimizer's step runs first: the closure (forward and backward) with gradients on, if given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class StackedMuon(torch.optim.Muon):
     """torch.optim.Muon's update, made for matrices of the same shape together: the Newton-Schulz iterations
     as batched matmuls over a stack. torch.optim.Muon launches ~23 kernels per matrix from Python (~550 for
@@ -91,10 +99,7 @@ class StackedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             by_shape: dict[torch.Size, list[torch.Tensor]] = {}
@@ -178,10 +183,7 @@ class Combined(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         found_inf = getattr(self, "found_inf", None)
         for optimizer in self.optimizers:
             if found_inf is None:

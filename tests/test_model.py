@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmtrain.model import GPT, GPTConfig, GraphedDecoder, sample_next
+from lmtrain.model import GPT, GPTConfig, GraphedDecoder, apply_rotary, rotary_tables, sample_next
 
 TINY = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -59,6 +59,33 @@ def test_tiny_model_overfits_one_batch(options):
         loss.backward()
         optimizer.step()
     assert first > 4.0 and loss.item() < 0.2
+
+
+def test_relu_squared_gradient():
+    from lmtrain.model import _ReLUSquared
+
+    x = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(_ReLUSquared.apply(x), torch.relu(x) ** 2)
+    assert torch.autograd.gradcheck(_ReLUSquared.apply, (x,))
+
+
+def test_rotary_turns_query_key_products_into_functions_of_their_distance():
+    config = GPTConfig(block_size=32, n_head=1, n_embd=16, rope=True)
+    cos, sin = rotary_tables(config)
+    q, k = torch.randn(2, 16)
+
+    def product(i: int, j: int) -> torch.Tensor:  # q at position i with k at position j
+        x = torch.stack([q, k]).view(2, 1, 16).expand(1, 32, 2, 1, 16)
+        rotated = apply_rotary(x, cos, sin)
+        return rotated[0, i, 0, 0] @ rotated[0, j, 1, 0]
+
+    assert torch.allclose(product(7, 3), product(20, 16), atol=1e-5)
+    assert not torch.allclose(product(7, 3), product(7, 4), atol=1e-3)
+    assert torch.allclose(apply_rotary(x := torch.randn(1, 32, 2, 1, 16), cos, sin).norm(dim=-1), x.norm(dim=-1))
+    x1, x2 = x.chunk(2, dim=-1)  # the pairs (x[i], x[i + D/2]): checkpoints depend on this convention
+    angle = torch.arange(32.0)[:, None, None, None] * 10000.0 ** (-torch.arange(0, 16, 2) / 16)
+    expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), dim=-1)
+    assert torch.allclose(apply_rotary(x, cos, sin), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [{}, {"rope": True}])

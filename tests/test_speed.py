@@ -14,7 +14,7 @@ from lmtrain.bench_train import flops_per_token, peak_flops
 from lmtrain.build import check_device_options
 from lmtrain.errors import UserError
 from lmtrain.losses import chunked_linear_cross_entropy, fused_linear_cross_entropy
-from lmtrain.model import GPT, GPTConfig
+from lmtrain.model import GPT, GPTConfig, rotary_tables
 from lmtrain.module import LanguageModel
 from lmtrain.optim import Combined, OptimConfig, StackedMuon, build_optimizer, step_unless_found_inf
 from lmtrain.train import train
@@ -143,6 +143,32 @@ def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, blo
     assert weight.grad[vocab:].abs().sum() == 0  # the padding rows are never predicted
     with torch.no_grad():  # evaluation: the loss alone
         assert torch.allclose(fused_linear_cross_entropy(hidden, weight, targets, vocab), expected, atol=tolerance)
+
+
+@pytest.mark.parametrize("qk_norm, rope", [(True, True), (True, False), (False, True)])
+def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
+    pytest.importorskip("triton")  # the kernel in Triton's interpreter here; the GPU path is chosen by device
+    from lmtrain.model import _FusedQKNormRope
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, n_head=3, n_embd=48, rope=rope, qk_norm=qk_norm)
+    attention = GPT(config).blocks[0].attn
+    rotary = None
+    if rope:
+        cos, sin = rotary_tables(config)
+        rotary = (cos[5:15], sin[5:15])  # positions 5.. as when a cache holds 5 tokens
+    qkv = (3 * torch.randn(2, 10, 3, 3, 16)).requires_grad_()
+    weights = torch.randn(3, 2, 10, 3, 16)  # a loss that weighs every output differently
+    expected = attention.normalize_and_rotate(qkv, rotary)
+    sum((w * t).sum() for w, t in zip(weights, expected)).backward()
+    expected_grad, qkv.grad = qkv.grad, None
+    cos_sin = (t.view(10, -1) for t in rotary) if rope else (qkv, qkv)
+    fused = _FusedQKNormRope.apply(qkv, *cos_sin, qk_norm, rope)
+    (weights * fused).sum().backward()
+    assert fused.shape == (3, 2, 10, 3, 16)
+    assert torch.allclose(fused, torch.stack(expected), atol=1e-5)
+    assert torch.allclose(qkv.grad, expected_grad, atol=1e-5)
+    assert torch.equal(fused[2], qkv[:, :, 2])  # v passes through
 
 
 def test_model_loss_fused_equals_the_full_loss():

@@ -1,5 +1,9 @@
 """Triton kernels; imported only when a fused option is on (on a machine without a GPU, under TRITON_INTERPRET=1).
 
+`qk_norm_rope` / `qk_norm_rope_backward`: the attention's QK-norm and rotary positions, forward and backward,
+each one pass over the qkv projection instead of the ~20 eager kernels (a third of an eager step of the
+character model) they replace.
+
 `softmax_numerators_`: the cross-entropy of each row of logits and, in the same single pass, the numerators
 of its gradient written over the logits: exp(logit - shift) for every column, exp(logit[target] - shift) - Z
 at the target, so that d(row loss)/d(logits) = numerators / Z (Z the row's sum of exp(logit - shift)). One
@@ -109,3 +113,89 @@ def softmax_numerators_(
         num_warps=max(1, min(8, block // 512)),  # 8 warps for 8192 columns: the fastest on the H100
     )
     return losses, inv_sums
+
+
+@triton.jit
+def _qk_norm_rope_rows(
+    src_ptr,  # forward: qkv (tokens, 3H, D); backward: the gradient of the output (3, tokens, H, D)
+    dst_ptr,  # forward: the output (3, tokens, H, D); backward: the gradient of qkv (tokens, 3H, D)
+    qkv_ptr,  # backward: qkv, to recompute the normalisation
+    cos_ptr,  # (T, D): cos of the pairs' angles in the first half (rotary_tables)
+    sin_ptr,  # (T, D): sin of the pairs' angles in the second half
+    n_rows,  # tokens * 3H
+    T,
+    H,
+    eps,
+    HALF: tl.constexpr,  # D / 2
+    ROWS: tl.constexpr,
+    NORM: tl.constexpr,
+    ROTATE: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # a row: one head's D values of q, k or v of a token
+    cols = tl.arange(0, HALF)[None, :]
+    mask = (rows < n_rows)[:, None]
+    token, head = rows // (3 * H), rows % (3 * H)
+    part = head // H  # 0 q, 1 k, 2 v (v passes through)
+    qkv_row = (rows * 2 * HALF)[:, None]
+    out_row = ((part * (n_rows // 3) + token * H + head % H) * 2 * HALF)[:, None]
+    src_row, dst_row = (out_row, qkv_row) if BACKWARD else (qkv_row, out_row)
+    b1 = tl.load(src_ptr + src_row + cols, mask=mask)
+    b2 = tl.load(src_ptr + src_row + HALF + cols, mask=mask)
+    a1, a2 = b1.to(tl.float32), b2.to(tl.float32)
+    if ROTATE:
+        position = (token % T)[:, None] * 2 * HALF
+        cos = tl.load(cos_ptr + position + cols, mask=mask)
+        sin = tl.load(sin_ptr + position + HALF + cols, mask=mask)
+    if BACKWARD:
+        if ROTATE:  # the rotation's transpose
+            r1 = a1 * cos + a2 * sin
+            a2 = a2 * cos - a1 * sin
+            a1 = r1
+        if NORM:  # n = x r, r = 1/sqrt(mean(x^2) + eps): dx = r (dn - n mean(dn n))
+            x1 = tl.load(qkv_ptr + qkv_row + cols, mask=mask).to(tl.float32)
+            x2 = tl.load(qkv_ptr + qkv_row + HALF + cols, mask=mask).to(tl.float32)
+            r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+            dot = (tl.sum(a1 * x1, 1) + tl.sum(a2 * x2, 1)) * r / (2 * HALF)  # mean(dn n)
+            r, rdot = r[:, None], (r * dot)[:, None]
+            a1 = r * (a1 - x1 * rdot)
+            a2 = r * (a2 - x2 * rdot)
+    else:
+        if NORM:  # rounded to the input's precision, as F.rms_norm's output is
+            r = tl.rsqrt((tl.sum(a1 * a1, 1) + tl.sum(a2 * a2, 1)) / (2 * HALF) + eps)[:, None]
+            a1 = (a1 * r).to(src_ptr.dtype.element_ty).to(tl.float32)
+            a2 = (a2 * r).to(src_ptr.dtype.element_ty).to(tl.float32)
+        if ROTATE:
+            r1 = a1 * cos - a2 * sin
+            a2 = a2 * cos + a1 * sin
+            a1 = r1
+    passes = (part == 2)[:, None]  # v, or its gradient: copied
+    tl.store(dst_ptr + dst_row + cols, tl.where(passes, b1, a1.to(dst_ptr.dtype.element_ty)), mask=mask)
+    tl.store(dst_ptr + dst_row + HALF + cols, tl.where(passes, b2, a2.to(dst_ptr.dtype.element_ty)), mask=mask)
+
+
+def _launch_qk_norm_rope(src, dst, qkv, cos, sin, norm: bool, rotate: bool, backward: bool) -> None:
+    tokens, T, H, D = qkv.size(0) * qkv.size(1), qkv.size(1), qkv.size(3), qkv.size(4)
+    n_rows, rows = tokens * 3 * H, 64
+    eps = torch.finfo(qkv.dtype).eps  # F.rms_norm's default
+    _qk_norm_rope_rows[(triton.cdiv(n_rows, rows),)](
+        src, dst, qkv, cos, sin, n_rows, T, H, eps, HALF=D // 2, ROWS=rows, NORM=norm, ROTATE=rotate, BACKWARD=backward
+    )
+
+
+def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: bool, rotate: bool) -> torch.Tensor:
+    """q, k (normalised, rotated) and v of qkv (B, T, 3, H, D), contiguous: (3, B, T, H, D). cos, sin (T, D)."""
+    B, T, _, H, D = qkv.shape
+    assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and D & (D - 1) == 0
+    out = torch.empty((3, B, T, H, D), device=qkv.device, dtype=qkv.dtype)
+    _launch_qk_norm_rope(qkv, out, qkv, cos, sin, norm, rotate, backward=False)
+    return out
+
+
+def qk_norm_rope_backward(
+    grad: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: bool, rotate: bool
+) -> torch.Tensor:
+    """The gradient of qkv (B, T, 3, H, D) from that of qk_norm_rope's output (3, B, T, H, D)."""
+    grad_qkv = torch.empty_like(qkv)
+    _launch_qk_norm_rope(grad.contiguous(), grad_qkv, qkv, cos, sin, norm, rotate, backward=True)
+    return grad_qkv

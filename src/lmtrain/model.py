@@ -32,6 +32,7 @@ class GPTConfig:
     mlp: str = "gelu"  # "gelu" (GPT-2) or "relu2" (ReLU squared)
     zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
     vocab_multiple: int = 64  # pad the embedding table so the head's matmul is tensor-core aligned
+    fused_qk_norm_rope: bool = True  # on a GPU, outside torch.compile: QK-norm and rotary in one Triton kernel
 
     @property
     def padded_vocab_size(self) -> int:
@@ -59,17 +60,38 @@ class KVCache:
 
 
 def rotary_tables(config: GPTConfig, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of each position's rotation angles, (block_size, D/2) each."""
+    """cos and signed sin of each position's rotation angles, (block_size, 1, 1, D) each: the angles of the
+    pairs (i, i + D/2) repeated over both halves, sin negated in the first, broadcast over q|k and heads."""
     inv_freq = base ** (-torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size)
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, D/2)
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
+    sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)
+    return cos[:, None, None, :], sin[:, None, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1[i], x2[i]) of x (B, H, T, D) by the angles of its T positions (T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
+    """Rotate the pairs (x1[i], x2[i]) of the halves of x (B, T, 2, H, D) by their positions' angles (see
+    rotary_tables): x1·cos - x2·sin and x2·cos + x1·sin, computed in float32 as x·cos + swapped halves·sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin).type_as(x)
+
+
+class _FusedQKNormRope(torch.autograd.Function):
+    """QK-norm and rotary positions in one Triton kernel each way (kernels.qk_norm_rope); q, k, v (3, B, T, H, D)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, norm: bool, rotate: bool):
+        from .kernels import qk_norm_rope
+
+        ctx.save_for_backward(qkv, cos, sin)
+        ctx.options = (norm, rotate)
+        return qk_norm_rope(qkv, cos, sin, norm, rotate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .kernels import qk_norm_rope_backward
+
+        return qk_norm_rope_backward(grad, *ctx.saved_tensors, *ctx.options), None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,6 +101,7 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head, self.head_size = config.n_head, config.head_size
         self.qk_norm = config.qk_norm
+        self.fused_qk_norm_rope = config.fused_qk_norm_rope
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -86,12 +109,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if self.qk_norm:
-            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_size)
+        if self.qk_norm or rotary is not None:
+            q, k, v = self.normalize_and_rotate(qkv, rotary)
+        else:
+            q, k, v = qkv.unbind(2)  # (B, T, H, D) each
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         causal = True
         if cache is not None:
             # Generation fills the cache from empty (prompt, causal) and then one token at a time,
@@ -104,6 +127,35 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
+    def normalize_and_rotate(self, qkv: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, T, H, D) of qkv (B, T, 3, H, D): q and k with QK-norm and rotary positions, as configured."""
+        rotate = rotary is not None
+        if self.fused_qk_norm_rope and qkv.is_cuda and not torch.compiler.is_compiling():
+            cos, sin = (t.view(qkv.size(1), -1) for t in rotary) if rotate else (qkv, qkv)  # unread if not rotating
+            return _FusedQKNormRope.apply(qkv, cos, sin, self.qk_norm, rotate).unbind(0)
+        qk, v = qkv.split((2, 1), dim=2)  # queries and keys normalised and rotated together
+        if self.qk_norm:
+            qk = F.rms_norm(qk, (self.head_size,))
+        if rotate:
+            qk = apply_rotary(qk, *rotary)
+        return *qk.unbind(2), v.squeeze(2)
+
+
+class _ReLUSquared(torch.autograd.Function):
+    """relu(x)² in the input's precision (autocast would run h.square() in float32); the backward is 2·relu(x)·grad
+    from the saved relu(x), two kernels where autograd's graph of relu and a product takes four."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return torch.mul(grad, r).mul_(2.0)
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -115,7 +167,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        h = _ReLUSquared.apply(h) if self.relu2 else F.gelu(h)
         return self.dropout(self.proj(h))
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels; imported only when a fused option is on (on a machine without a GPU, under TRITON_INTERPRET=1).
+"""Triton kernels; imported only where one runs: on a GPU, or in Triton's interpreter (TRITON_INTERPRET=1).
 
 `qk_norm_rope` / `qk_norm_rope_backward`: the attention's QK-norm and rotary positions, forward and backward,
 each one pass over the qkv projection instead of the ~20 eager kernels (a third of an eager step of the
@@ -132,7 +132,7 @@ def _qk_norm_rope_rows(
     ROTATE: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # a row: one head's D values of q, k or v of a token
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # a row: one head's D values of q, k or v
     cols = tl.arange(0, HALF)[None, :]
     mask = (rows < n_rows)[:, None]
     token, head = rows // (3 * H), rows % (3 * H)

@@ -101,7 +101,8 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head, self.head_size = config.n_head, config.head_size
         self.qk_norm = config.qk_norm
-        self.fused_qk_norm_rope = config.fused_qk_norm_rope
+        # the Triton kernel's tiles are half a head wide: power-of-two head sizes only
+        self.fused_qk_norm_rope = config.fused_qk_norm_rope and config.head_size & (config.head_size - 1) == 0
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -130,8 +131,7 @@ class CausalSelfAttention(nn.Module):
     def normalize_and_rotate(self, qkv: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, T, H, D) of qkv (B, T, 3, H, D): q and k with QK-norm and rotary positions, as configured."""
         rotate = rotary is not None
-        power_of_two = self.head_size & (self.head_size - 1) == 0  # the kernel's tiles are half a head wide
-        if self.fused_qk_norm_rope and power_of_two and qkv.is_cuda and not torch.compiler.is_compiling():
+        if self.fused_qk_norm_rope and qkv.is_cuda and not torch.compiler.is_compiling():
             cos, sin = (t.view(qkv.size(1), -1) for t in rotary) if rotate else (qkv, qkv)  # unread if not rotating
             return _FusedQKNormRope.apply(qkv, cos, sin, self.qk_norm, rotate).unbind(0)
         qk, v = qkv.split((2, 1), dim=2)  # queries and keys normalised and rotated together

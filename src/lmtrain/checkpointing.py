@@ -23,12 +23,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location=map_location)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """The checkpoint at path, or a UserError that says what is wrong with it and what to do instead.
+    mmap: map the file rather than read it (a check before Lightning loads it for real costs no read)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; {_good_ones(path.parent)}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways inside the unpickler
         if isinstance(err, UserError):
             raise
@@ -77,7 +79,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
     if ckpt_path != "last":
-        load_checkpoint(ckpt_path)  # fail early, with a clear message, on a missing or broken file
+        load_checkpoint(ckpt_path, mmap=True)  # fail early, with a clear message, on a missing or broken file
         return ckpt_path
     folder = output_dir / CHECKPOINT_DIR
     candidates = sorted(
@@ -85,7 +87,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     )
     for candidate in candidates:
         try:
-            checkpoint = load_checkpoint(candidate)
+            checkpoint = load_checkpoint(candidate, mmap=True)
         except UserError:
             continue
         if "optimizer_states" in checkpoint:

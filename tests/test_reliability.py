@@ -43,10 +43,16 @@ def start(run_dir, *overrides):
     )
 
 
-def wait_for_checkpoints(run_dir, count: int, timeout: float = 120) -> None:
+def newest_step(run_dir) -> int:
+    return max((int(p.stem.split("-")[1]) for p in run_dir.glob("checkpoints/step-*.ckpt")), default=-1)
+
+
+def wait_for_a_new_checkpoint(run_dir, timeout: float = 120) -> None:
+    """Until a step checkpoint newer than those already there is written: the run has made progress."""
+    before = newest_step(run_dir)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if len(list(run_dir.glob("checkpoints/step-*.ckpt"))) >= count:
+        if newest_step(run_dir) > before:
             return
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared")
@@ -57,11 +63,9 @@ def test_killed_three_times_and_resumed_equals_the_uninterrupted_run(tmp_path):
     smoke(reference, *ARGS)
     run = tmp_path / "killed"
     rng = random.Random(7)
-    seen = 0
-    for _ in range(3):
-        process = start(run, *(["ckpt_path=last"] if seen else []))
-        seen += 1
-        wait_for_checkpoints(run, seen)
+    for kill in range(3):
+        process = start(run, *(["ckpt_path=last"] if kill else []))
+        wait_for_a_new_checkpoint(run)
         time.sleep(rng.uniform(0.0, 1.5))  # anywhere: mid-step, mid-evaluation or mid-write
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -70,6 +74,18 @@ def test_killed_three_times_and_resumed_equals_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for tag in ("train/loss", "val/loss"):
         assert scalars(reference)[tag] == sorted(set(scalars(run)[tag])), tag
+
+
+def test_cpu_matmuls_round_the_same_in_every_process():
+    """MKL's reproducible mode is on once lmtrain is imported (the resume test above depends on it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "MKL_DYNAMIC")}
+    code = "import lmtrain, torch; a = torch.randn(64, 64); a @ a"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "MKL_VERBOSE": "1"}, capture_output=True, text=True, check=True
+    ).stdout
+    if "MKL_VERBOSE" not in out:
+        pytest.skip("this torch does not use MKL")
+    assert "CNR:AUTO" in out and "Dyn:0" in out
 
 
 def test_sigterm_saves_a_checkpoint_stops_cleanly_and_resumes(tmp_path):
@@ -82,7 +98,7 @@ def test_sigterm_saves_a_checkpoint_stops_cleanly_and_resumes(tmp_path):
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    wait_for_checkpoints(run, 1)
+    wait_for_a_new_checkpoint(run)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 0

@@ -148,7 +148,7 @@ def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, blo
 @pytest.mark.parametrize("qk_norm, rope", [(True, True), (True, False), (False, True)])
 def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
     pytest.importorskip("triton")  # the kernel in Triton's interpreter here; the GPU path is chosen by device
-    from lmtrain.model import _FusedQKNormRope
+    from lmtrain.model import fused_qk_norm_rope
 
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, n_head=3, n_embd=48, rope=rope, qk_norm=qk_norm)
@@ -162,8 +162,7 @@ def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
     expected = attention.normalize_and_rotate(qkv, rotary)
     sum((w * t).sum() for w, t in zip(weights, expected)).backward()
     expected_grad, qkv.grad = qkv.grad, None
-    cos_sin = (t.view(10, -1) for t in rotary) if rope else (qkv, qkv)
-    fused = _FusedQKNormRope.apply(qkv, *cos_sin, qk_norm, rope)
+    fused = fused_qk_norm_rope(qkv, rotary, qk_norm)
     (weights * fused).sum().backward()
     assert fused.shape == (3, 2, 10, 3, 16)
     assert torch.allclose(fused, torch.stack(expected), atol=1e-5)

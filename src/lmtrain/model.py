@@ -94,6 +94,13 @@ class _FusedQKNormRope(torch.autograd.Function):
         return qk_norm_rope_backward(grad, *ctx.saved_tensors, *ctx.options), None, None, None, None
 
 
+def fused_qk_norm_rope(qkv: torch.Tensor, rotary, norm: bool) -> torch.Tensor:
+    """q, k, v (3, B, T, H, D) of qkv (B, T, 3, H, D) through the kernel; rotary: rotary_tables' rows or None."""
+    rotate = rotary is not None
+    cos, sin = (t.view(qkv.size(1), -1) for t in rotary) if rotate else (qkv, qkv)  # unread if not rotating
+    return _FusedQKNormRope.apply(qkv, cos, sin, norm, rotate)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -130,14 +137,12 @@ class CausalSelfAttention(nn.Module):
 
     def normalize_and_rotate(self, qkv: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, T, H, D) of qkv (B, T, 3, H, D): q and k with QK-norm and rotary positions, as configured."""
-        rotate = rotary is not None
         if self.fused_qk_norm_rope and qkv.is_cuda and not torch.compiler.is_compiling():
-            cos, sin = (t.view(qkv.size(1), -1) for t in rotary) if rotate else (qkv, qkv)  # unread if not rotating
-            return _FusedQKNormRope.apply(qkv, cos, sin, self.qk_norm, rotate).unbind(0)
+            return fused_qk_norm_rope(qkv, rotary, self.qk_norm).unbind(0)
         qk, v = qkv.split((2, 1), dim=2)  # queries and keys normalised and rotated together
         if self.qk_norm:
             qk = F.rms_norm(qk, (self.head_size,))
-        if rotate:
+        if rotary is not None:
             qk = apply_rotary(qk, *rotary)
         return *qk.unbind(2), v.squeeze(2)
 

@@ -69,6 +69,23 @@ def test_relu_squared_gradient():
     assert torch.autograd.gradcheck(_ReLUSquared.apply, (x,))
 
 
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_residual_stream_dtype_under_autocast(low_precision):
+    model = tiny(low_precision_residual=low_precision)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
+    idx = torch.randint(65, (4, 33), generator=torch.Generator().manual_seed(1))
+    reference = model.loss(idx[:, :-1], idx[:, 1:])  # no autocast: float32 whatever the option
+    assert seen == [(torch.float32, torch.float32)] * 2
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
+    stream = torch.bfloat16 if low_precision else torch.float32
+    assert seen == [(stream, stream)] * 2
+    assert loss.item() == pytest.approx(reference.item(), rel=0.01)
+
+
 def test_rotary_turns_query_key_products_into_functions_of_their_distance():
     config = GPTConfig(block_size=32, n_head=1, n_embd=16, rope=True)
     cos, sin = rotary_tables(config)

@@ -29,6 +29,7 @@ from .conftest import SHAKESPEARE, compose
         "model.qk_norm=true",
         "model.mlp=relu2",
         "model.zero_init_proj=true",
+        "model.low_precision_residual=true",
         "optim=muon",
         "optim.fused=true",
         "optim.fused=false",

@@ -2,7 +2,7 @@
 
 Shapes: B batch, T time, C = n_embd, H = n_head, D = C // H head size, V = padded vocabulary.
 Options beyond GPT-2 (all off by default): rotary position embeddings, QK-norm, ReLU² MLP,
-zero-initialised output projections.
+zero-initialised output projections, a residual stream in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class GPTConfig:
     zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
     vocab_multiple: int = 64  # pad the embedding table so the head's matmul is tensor-core aligned
     fused_qk_norm_rope: bool = True  # on a GPU, outside torch.compile: QK-norm and rotary in one Triton kernel
+    low_precision_residual: bool = False  # under autocast, the residual stream in its dtype (bf16), not float32
 
     @property
     def padded_vocab_size(self) -> int:
@@ -247,6 +248,9 @@ class GPT(nn.Module):
         else:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
+        if self.config.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            # bf16 adds and layer-norm inputs: half the memory traffic of the float32 stream autocast keeps
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         blocks = self.compiled_blocks if self.training and cache is None and self.compiled_blocks else self.blocks
         for block in blocks:
             x = block(x, rotary, cache)

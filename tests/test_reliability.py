@@ -73,8 +73,8 @@ def test_killed_three_times_and_resumed_equals_the_uninterrupted_run(tmp_path):
     # logged series first: a failure names the first step that differs (both runs stay under tmp_path)
     for tag in ("train/grad_norm", "train/loss", "val/loss"):
         expected, got = scalars(reference)[tag], sorted(set(scalars(run)[tag]))
-        first = next((a for a, b in zip(expected, got) if a != b), None)
-        assert expected == got, f"{tag}: first difference at (step, value) {first}, runs in {tmp_path}"
+        first = next(((a, b) for a, b in zip(expected, got) if a != b), None)
+        assert expected == got, f"{tag}: first (step, value) uninterrupted vs resumed {first}, runs in {tmp_path}"
     a, b = weights(reference), weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -33,7 +33,7 @@ class GPTConfig:
     zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
     vocab_multiple: int = 64  # pad the embedding table so the head's matmul is tensor-core aligned
     fused_qk_norm_rope: bool = True  # on a GPU, outside torch.compile: QK-norm and rotary in one Triton kernel
-    low_precision_residual: bool = False  # under autocast, the residual stream in its dtype (bf16), not float32
+    low_precision_residual: bool = False  # under autocast, the residual stream in the autocast dtype, not float32
 
     @property
     def padded_vocab_size(self) -> int:

@@ -71,8 +71,9 @@ def test_killed_three_times_and_resumed_equals_the_uninterrupted_run(tmp_path):
         process.wait()
     smoke(run, *ARGS, "ckpt_path=last")
     # logged series first: a failure names the first step that differs (both runs stay under tmp_path)
+    logged_reference, logged_run = scalars(reference), scalars(run)
     for tag in ("train/grad_norm", "train/loss", "val/loss"):
-        expected, got = scalars(reference)[tag], sorted(set(scalars(run)[tag]))
+        expected, got = logged_reference[tag], sorted(set(logged_run[tag]))
         first = next(((a, b) for a, b in zip(expected, got) if a != b), None)
         assert expected == got, f"{tag}: first (step, value) uninterrupted vs resumed {first}, runs in {tmp_path}"
     a, b = weights(reference), weights(run)

@@ -96,6 +96,15 @@ def test_compiled_blocks_under_fsdp_are_named():
     validate(compose("trainer=fsdp", "model.compile=true"))
 
 
+def test_weight_copies_without_autocast_or_with_several_processes_are_named():
+    with pytest.raises(UserError, match="precision=32-true does not use.*model.cast_weights_once=false"):
+        validate(compose("model.cast_weights_once=true", "precision=fp32"))
+    for strategy in ("fsdp", "ddp"):
+        with pytest.raises(UserError, match="trains one process.*model.cast_weights_once=false"):
+            validate(compose(f"trainer={strategy}", "model.cast_weights_once=true"))
+    validate(compose("model.cast_weights_once=true", "precision=fp16"))
+
+
 def test_a_zero_width_is_named_not_a_crash():  # found by the override fuzz test
     with pytest.raises(UserError, match="model.n_embd=0 must be at least 1"):
         validate(compose("model.n_layer=0", "model.n_embd=0"))

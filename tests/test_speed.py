@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lmtrain import build
 from lmtrain.bench import main as bench_main
 from lmtrain.bench_train import flops_per_token, peak_flops
 from lmtrain.build import check_device_options
@@ -18,6 +21,7 @@ from lmtrain.model import GPT, GPTConfig, rotary_tables
 from lmtrain.module import LanguageModel
 from lmtrain.optim import Combined, OptimConfig, StackedMuon, build_optimizer, step_unless_found_inf
 from lmtrain.train import train
+from lmtrain.weight_copies import WeightCopies
 
 from .conftest import SHAKESPEARE, compose
 
@@ -239,6 +243,68 @@ def test_gradient_buffers_accumulated_in_place_outlive_the_evaluations(tmp_path,
     ten_step_best_val(tmp_path, "trainer.accumulate_grad_batches=2", eval_interval=5)
     module, buffers = started[0]
     assert all(p.grad is buffer for p, buffer in zip(module.parameters(), buffers, strict=True))
+
+
+def test_weight_copies_leave_the_tied_head_out_and_give_autocasts_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    reference = copy.deepcopy(model)
+    copies = WeightCopies(model, torch.bfloat16)
+    assert "wte.weight" not in copies.weights and len(copies.weights) == 4 * 2  # qkv, proj, fc, proj per block
+
+    def same_values():
+        return all(torch.equal(copies.copies[n], w.bfloat16()) for n, w in copies.weights.items())
+
+    assert same_values() and all(c.dtype == torch.bfloat16 for c in copies.copies.values())
+    for ids in torch.randint(0, 65, (2, 4, 17)):  # two micro-batches: the first gradient cast, the second added
+        x, y = ids[:, :-1], ids[:, 1:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for logits in (torch.func.functional_call(model, copies.copies, (x,)), reference(x)):
+                (F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / 2).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name, p in reference.named_parameters():
+        assert grads[name].dtype == torch.float32 and torch.equal(grads[name], p.grad), name
+    assert all(c.grad is None for c in copies.copies.values())
+    with torch.no_grad():
+        for w in copies.weights.values():
+            w.add_(1.0)
+    assert not same_values()
+    copies.refresh()
+    assert same_values()
+    copies.release_grads()
+    assert all(w.grad is None for w in copies.weights.values())
+
+
+def test_float32_accumulation_kernel_casts_and_adds_exactly():
+    pytest.importorskip("triton")
+    from lmtrain.kernels import accumulate_float32_
+
+    grad = torch.randn(3, 5000).bfloat16()  # not a multiple of the kernel's block
+    total = torch.randn(3, 5000)
+    expected = total + grad.float()
+    accumulate_float32_(total, grad, add=True)
+    assert torch.equal(total, expected)
+    accumulate_float32_(total, grad, add=False)
+    assert torch.equal(total, grad.float())
+
+
+def test_training_with_weight_copies_is_bit_identical_to_autocast(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "check_device_options", lambda cfg: None)  # bf16 autocast on the CPU, for the test
+    refreshes = []
+    refresh = WeightCopies.refresh
+    monkeypatch.setattr(WeightCopies, "refresh", lambda self: refreshes.append(1) or refresh(self))
+    options = ("precision=bf16", "trainer.accumulate_grad_batches=2")
+    autocast = ten_step_best_val(tmp_path / "autocast", *options)
+    copied = ten_step_best_val(tmp_path / "copies", *options, "model.cast_weights_once=true")
+    assert len(refreshes) == 10  # once per optimizer step: the copies were used
+    assert copied == autocast
+
+
+def test_weight_copies_refuse_to_train_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "check_device_options", lambda cfg: None)
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))  # as under strategy=auto on 2 GPUs
+    with pytest.raises(UserError, match="trains one process, not 2.*model.cast_weights_once=false"):
+        ten_step_best_val(tmp_path, "precision=bf16", "model.cast_weights_once=true")
 
 
 def test_fused_loss_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):

@@ -137,6 +137,10 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     timer.start_time = start
     model.train()
     in_place = grads_in_place(module, accumulate)  # as LanguageModel does under CUDA graphs
+    copies = None
+    if cfg.model.cast_weights_once:
+        module.use_weight_copies(dtype)
+        copies = module.weight_copies
     batch = 0
     for step in range(1, warmup + steps + 1):
         for _ in range(accumulate):
@@ -153,6 +157,9 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=not in_place)
+        if copies is not None:
+            copies.refresh()
+            copies.release_grads()
         timer.after_step(step)
     return *timer.result(), model, device
 

@@ -92,7 +92,7 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
 def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
     """The GPTConfig fields: the model group without the compile switches, the vocabulary from the tokenizer."""
     arguments = to_container(cfg.model)
-    for key in ("compile", "compile_mode", "compile_scope", "loss_chunk_rows", "fused_loss"):
+    for key in ("compile", "compile_mode", "compile_scope", "loss_chunk_rows", "fused_loss", "cast_weights_once"):
         arguments.pop(key)
     if arguments["vocab_size"] is not None and arguments["vocab_size"] < vocab_size:
         raise UserError(
@@ -116,6 +116,7 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
         compile_scope=cfg.model.compile_scope,
         loss_chunk_rows=cfg.model.loss_chunk_rows,
         fused_loss=cfg.model.fused_loss,
+        cast_weights_once=cfg.model.cast_weights_once,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         tokenizer=corpus.tokenizer,
     )

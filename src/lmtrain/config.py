@@ -27,6 +27,7 @@ class ModelConfig(GPTConfig):
     compile_scope: str = "model"  # "model": forward + loss as one graph; "blocks": one graph all blocks share
     loss_chunk_rows: int = 0  # > 0: the head's cross-entropy a slice of rows at a time (saves the logits' memory)
     fused_loss: bool = False  # the head's cross-entropy and its gradient in one Triton kernel (CUDA)
+    cast_weights_once: bool = False  # matmul weights cast to the autocast dtype once per optimizer step
 
 
 @dataclass
@@ -214,6 +215,16 @@ def validate(cfg: DictConfig) -> None:
         f"model.compile_mode={m.compile_mode!r} must be null, default, reduce-overhead or max-autotune",
     )
     need(m.compile_scope in ("model", "blocks"), f"model.compile_scope={m.compile_scope!r} must be model or blocks")
+    need(
+        not m.cast_weights_once or t.precision in ("bf16-mixed", "16-mixed"),
+        f"model.cast_weights_once casts for autocast, which precision={t.precision} does not use: "
+        "use precision=bf16 or fp16, or model.cast_weights_once=false",
+    )
+    need(
+        not (m.cast_weights_once and any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))),
+        "model.cast_weights_once trains one process: DDP and FSDP synchronise the weights' own gradients, "
+        "not the copies' (use model.cast_weights_once=false)",
+    )
     need(
         not (m.compile and m.compile_scope == "blocks" and "fsdp" in str(t.strategy).lower()),
         "model.compile_scope=blocks compiles the blocks before FSDP wraps them: use model.compile_scope=model",

@@ -9,6 +9,8 @@ of its gradient written over the logits: exp(logit - shift) for every column, ex
 at the target, so that d(row loss)/d(logits) = numerators / Z (Z the row's sum of exp(logit - shift)). One
 read and one write of the logits; the division by Z is a per-row scale the backward matmuls apply to their
 small operand or result. Compiled PyTorch needs two kernels and more than twice the traffic for the same.
+
+`accumulate_float32_`: a low-precision gradient cast into, or added to, a float32 one (weight_copies).
 """
 
 from __future__ import annotations
@@ -199,3 +201,22 @@ def qk_norm_rope_backward(
     grad_qkv = torch.empty_like(qkv)
     _launch_qk_norm_rope(grad.contiguous(), grad_qkv, qkv, cos, sin, norm, rotate, backward=True)
     return grad_qkv
+
+
+@triton.jit
+def _accumulate_float32(total_ptr, grad_ptr, n, ADD: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    value = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    if ADD:
+        value += tl.load(total_ptr + offsets, mask=mask)
+    tl.store(total_ptr + offsets, value, mask=mask)
+
+
+def accumulate_float32_(total: torch.Tensor, grad: torch.Tensor, add: bool) -> None:
+    """total (float32) = total + grad, or = grad if not add; grad of any float dtype, both contiguous. One
+    vectorised pass: PyTorch's mixed-dtype add and copy take the slower casting path (~half the bandwidth)."""
+    assert total.dtype == torch.float32 and total.is_contiguous() and grad.is_contiguous()
+    assert total.shape == grad.shape
+    block = 4096
+    _accumulate_float32[(triton.cdiv(grad.numel(), block),)](total, grad, grad.numel(), ADD=add, BLOCK=block)

@@ -15,6 +15,7 @@ from .errors import UserError
 from .lr_schedule import warmup_cosine
 from .model import GPT, GPTConfig
 from .optim import OptimConfig, build_optimizer, skips_on_device
+from .weight_copies import WeightCopies
 
 # What a checkpoint's weights depend on; dropout and initialisation may change between runs.
 ARCHITECTURE = (
@@ -30,6 +31,7 @@ ARCHITECTURE = (
     "vocab_multiple",
 )
 FUSED_PRECISIONS = {"bf16-mixed", "bf16-true", "32-true", "32"}  # no GradScaler that must unscale first
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class SkippedStep(Exception):
@@ -50,6 +52,7 @@ class LanguageModel(L.LightningModule):
         compile_scope: str = "model",
         loss_chunk_rows: int = 0,
         fused_loss: bool = False,
+        cast_weights_once: bool = False,
         max_nonfinite_steps: int = 10,
         tokenizer=None,
     ):
@@ -59,16 +62,33 @@ class LanguageModel(L.LightningModule):
         self.optim_config = OptimConfig(**optim)
         self.tokenizer = tokenizer
         self.loss_fn = partial(self.model.loss, chunk_rows=loss_chunk_rows, fused=fused_loss)
-        # The compiled loss is kept out of the module tree: checkpoints hold plain `model.` keys.
-        self.train_loss = self.loss_fn
         if compile and compile_scope == "blocks":
             self.model.compile_blocks(compile_mode)
-        elif compile:
-            self.train_loss = torch.compile(self.loss_fn, mode=compile_mode)
+        self._compile_loss = compile and compile_scope == "model"
+        self.weight_copies: WeightCopies | None = None  # see use_weight_copies
+        self.train_loss = self._training_loss()
         self._cudagraphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
         self._grads_in_place = False  # set when training starts; see grads_in_place
         self._rng_to_restore = None
         self._unread_train_metrics = None  # (step, values on their way to the host, CUDA event)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of token ids x (B, T) against targets y (B, T)."""
+        return self.loss_fn(x, y)
+
+    def _training_loss(self):
+        """The training step's loss function: with the weight copies in place of the weights if they are used,
+        compiled if asked. Kept out of the module tree: checkpoints hold plain `model.` keys."""
+        loss = self.loss_fn
+        if self.weight_copies is not None:
+            copies = {f"model.{name}": copy for name, copy in self.weight_copies.copies.items()}
+            loss = partial(_call_with, self, copies)
+        return torch.compile(loss, mode=self.hparams.compile_mode) if self._compile_loss else loss
+
+    def use_weight_copies(self, dtype: torch.dtype) -> None:
+        """Train with copies of the matmul weights in the autocast dtype (see WeightCopies)."""
+        self.weight_copies = WeightCopies(self.model, dtype)
+        self.train_loss = self._training_loss()
 
     # --- training -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -76,9 +96,18 @@ class LanguageModel(L.LightningModule):
         self._nonfinite = torch.zeros(2, device=self.device)
         self._recent_losses: list[float] = []
         self._grads_in_place = grads_in_place(self, self.trainer.accumulate_grad_batches)
+        if self.hparams.cast_weights_once:
+            if self.trainer.world_size > 1:
+                raise UserError(
+                    f"model.cast_weights_once trains one process, not {self.trainer.world_size}: the strategy "
+                    "synchronises the weights' own gradients, not the copies' (use model.cast_weights_once=false)"
+                )
+            self.use_weight_copies(AUTOCAST_DTYPES[str(self.trainer.precision)])
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         optimizer.zero_grad(set_to_none=not self._grads_in_place)
+        if self.weight_copies is not None:
+            self.weight_copies.release_grads()
 
     def on_validation_model_zero_grad(self) -> None:
         # Lightning frees the gradients before each evaluation. Buffers that accumulate in place must stay: a
@@ -134,6 +163,8 @@ class LanguageModel(L.LightningModule):
             optimizer.step(closure=optimizer_closure)
         except SkippedStep:
             pass  # the gradients are zeroed before the next step, the schedule moves on
+        if self.weight_copies is not None:
+            self.weight_copies.refresh()
 
     def _check_nonfinite_streak(self, total: float, streak: float, step: int) -> None:
         total, streak, limit = int(total), int(streak), self.hparams.max_nonfinite_steps
@@ -283,6 +314,10 @@ def grads_in_place(module: LanguageModel, accumulate: int) -> bool:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return True
+
+
+def _call_with(module: torch.nn.Module, tensors: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.func.functional_call(module, tensors, (x, y))
 
 
 def copy_to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

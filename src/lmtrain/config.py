@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -17,6 +18,7 @@ from .model import GPTConfig
 from .optim import OptimConfig
 
 PRECISIONS = {"bf16-mixed", "16-mixed", "32-true", "bf16-true"}
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # the precisions that autocast
 
 
 @dataclass
@@ -216,7 +218,7 @@ def validate(cfg: DictConfig) -> None:
     )
     need(m.compile_scope in ("model", "blocks"), f"model.compile_scope={m.compile_scope!r} must be model or blocks")
     need(
-        not m.cast_weights_once or t.precision in ("bf16-mixed", "16-mixed"),
+        not m.cast_weights_once or t.precision in AUTOCAST_DTYPES,
         f"model.cast_weights_once casts for autocast, which precision={t.precision} does not use: "
         "use precision=bf16 or fp16, or model.cast_weights_once=false",
     )

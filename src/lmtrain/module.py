@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from .config import AUTOCAST_DTYPES
 from .errors import UserError
 from .lr_schedule import warmup_cosine
 from .model import GPT, GPTConfig
@@ -31,7 +32,6 @@ ARCHITECTURE = (
     "vocab_multiple",
 )
 FUSED_PRECISIONS = {"bf16-mixed", "bf16-true", "32-true", "32"}  # no GradScaler that must unscale first
-AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class SkippedStep(Exception):

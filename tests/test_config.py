@@ -90,6 +90,13 @@ def test_fused_loss_with_chunks_or_fp16_is_named():
     validate(compose("model.fused_loss=true"))  # bf16, the whole head: fine
 
 
+def test_fused_adamw_under_fp16_is_named():
+    with pytest.raises(UserError, match="precision=fp16: lmtrain clips inside.*optim.fused=null"):
+        validate(compose("optim.fused=true", "precision=fp16"))
+    validate(compose("precision=fp16"))  # foreach AdamW, unscaled by the GradScaler before clipping: fine
+    validate(compose("optim.fused=true"))
+
+
 def test_compiled_blocks_under_fsdp_are_named():
     with pytest.raises(UserError, match="before FSDP wraps them"):
         validate(compose("trainer=fsdp", "model.compile=true", "model.compile_scope=blocks"))

@@ -156,10 +156,10 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=not in_place)
         if copies is not None:
             copies.refresh()
             copies.release_grads()
+        optimizer.zero_grad(set_to_none=not in_place)
         timer.after_step(step)
     return *timer.result(), model, device
 

@@ -249,6 +249,11 @@ def validate(cfg: DictConfig) -> None:
         f"optim.betas={list(o.betas)} must be two values in [0, 1)",
     )
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative")
+    need(
+        not (o.fused and t.precision == "16-mixed"),
+        "optim.fused=true cannot run under precision=fp16: lmtrain clips inside fused AdamW's step, on gradients "
+        "the GradScaler has not unscaled yet; use optim.fused=null (foreach AdamW) or precision=bf16",
+    )
 
     positive = (
         "max_steps",

@@ -105,9 +105,9 @@ class LanguageModel(L.LightningModule):
             self.use_weight_copies(AUTOCAST_DTYPES[str(self.trainer.precision)])
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        optimizer.zero_grad(set_to_none=not self._grads_in_place)
-        if self.weight_copies is not None:
+        if self.weight_copies is not None:  # first: zeroing gradients about to be freed would be a wasted pass
             self.weight_copies.release_grads()
+        optimizer.zero_grad(set_to_none=not self._grads_in_place)
 
     def on_validation_model_zero_grad(self) -> None:
         # Lightning frees the gradients before each evaluation. Buffers that accumulate in place must stay: a

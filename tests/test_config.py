@@ -97,6 +97,16 @@ def test_fused_adamw_under_fp16_is_named():
     validate(compose("optim.fused=true"))
 
 
+def test_cuda_graphs_with_compile_copies_or_several_processes_are_named():
+    for other in ("model.compile=true", "model.cast_weights_once=true"):
+        with pytest.raises(UserError, match="model.cuda_graphs captures the uncompiled model"):
+            validate(compose("model.cuda_graphs=true", other))
+    for strategy in ("fsdp", "ddp"):
+        with pytest.raises(UserError, match="model.cuda_graphs trains one process.*model.cuda_graphs=false"):
+            validate(compose(f"trainer={strategy}", "model.cuda_graphs=true"))
+    validate(compose("model.cuda_graphs=true"))
+
+
 def test_compiled_blocks_under_fsdp_are_named():
     with pytest.raises(UserError, match="before FSDP wraps them"):
         validate(compose("trainer=fsdp", "model.compile=true", "model.compile_scope=blocks"))

@@ -300,18 +300,40 @@ def test_training_with_weight_copies_is_bit_identical_to_autocast(tmp_path, monk
     assert copied == autocast
 
 
-def test_weight_copies_refuse_to_train_several_processes(tmp_path, monkeypatch):
+def test_cuda_graphs_are_captured_once_without_autocast_caching_or_the_runs_random_numbers(tmp_path, monkeypatch):
+    """On the CPU the capture is faked: it notes autocast's weight cache and, as its warm-up passes do, runs the
+    loss and draws random numbers. Training must then equal a run without the option, dropout masks and all."""
+    monkeypatch.setattr(build, "check_device_options", lambda cfg: None)
+    cache_enabled = []
+
+    def capture(module, sample_args, allow_unused_input):
+        cache_enabled.append(torch.is_autocast_cache_enabled())
+        module(*sample_args)  # its dropout draws
+        torch.rand(100)
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    plain = ten_step_best_val(tmp_path / "plain", eval_interval=5)
+    graphed = ten_step_best_val(tmp_path / "graphed", "model.cuda_graphs=true", eval_interval=5)
+    assert cache_enabled == [False]
+    assert graphed == plain
+
+
+@pytest.mark.parametrize("option", ["cast_weights_once", "cuda_graphs"])
+def test_single_process_options_refuse_to_train_several_processes(tmp_path, monkeypatch, option):
     monkeypatch.setattr(build, "check_device_options", lambda cfg: None)
     monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))  # as under strategy=auto on 2 GPUs
-    with pytest.raises(UserError, match="trains one process, not 2.*model.cast_weights_once=false"):
-        ten_step_best_val(tmp_path, "precision=bf16", "model.cast_weights_once=true")
+    with pytest.raises(UserError, match=f"model.{option} trains one process, not 2.*model.{option}=false"):
+        ten_step_best_val(tmp_path, "precision=bf16", f"model.{option}=true")
 
 
-def test_fused_loss_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
+def test_gpu_only_options_without_a_gpu_are_clear_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="model.fused_loss=true runs a Triton kernel.*model.fused_loss=false"):
         check_device_options(compose("experiment=smoke", "model.fused_loss=true"))
+    with pytest.raises(UserError, match="model.cuda_graphs=true replays CUDA graphs.*model.cuda_graphs=false"):
+        check_device_options(compose("experiment=smoke", "model.cuda_graphs=true"))
     check_device_options(compose("experiment=smoke"))  # the default needs neither
 
 

@@ -137,6 +137,8 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     timer.start_time = start
     model.train()
     in_place = grads_in_place(module, accumulate)  # as LanguageModel does under CUDA graphs
+    if cfg.model.cuda_graphs:
+        module.capture_training_loss(*windows.batch(0), dtype)
     copies = None
     if cfg.model.cast_weights_once:
         module.use_weight_copies(dtype)

@@ -92,7 +92,15 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
 def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
     """The GPTConfig fields: the model group without the compile switches, the vocabulary from the tokenizer."""
     arguments = to_container(cfg.model)
-    for key in ("compile", "compile_mode", "compile_scope", "loss_chunk_rows", "fused_loss", "cast_weights_once"):
+    for key in (
+        "compile",
+        "compile_mode",
+        "compile_scope",
+        "loss_chunk_rows",
+        "fused_loss",
+        "cast_weights_once",
+        "cuda_graphs",
+    ):
         arguments.pop(key)
     if arguments["vocab_size"] is not None and arguments["vocab_size"] < vocab_size:
         raise UserError(
@@ -117,6 +125,7 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
         loss_chunk_rows=cfg.model.loss_chunk_rows,
         fused_loss=cfg.model.fused_loss,
         cast_weights_once=cfg.model.cast_weights_once,
+        cuda_graphs=cfg.model.cuda_graphs,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         tokenizer=corpus.tokenizer,
     )
@@ -148,6 +157,8 @@ def check_device_options(cfg: DictConfig) -> None:
         )
     if precision == "16-mixed" and not on_gpu:
         raise UserError("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
+    if cfg.model.cuda_graphs and not (on_gpu and torch.cuda.is_available()):
+        raise UserError("model.cuda_graphs=true replays CUDA graphs: it needs a CUDA GPU; set model.cuda_graphs=false")
     triton_runs = on_gpu or os.environ.get("TRITON_INTERPRET") == "1"
     if cfg.model.fused_loss and not (triton_runs and importlib.util.find_spec("triton")):
         raise UserError(

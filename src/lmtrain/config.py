@@ -30,6 +30,7 @@ class ModelConfig(GPTConfig):
     loss_chunk_rows: int = 0  # > 0: the head's cross-entropy a slice of rows at a time (saves the logits' memory)
     fused_loss: bool = False  # the head's cross-entropy and its gradient in one Triton kernel (CUDA)
     cast_weights_once: bool = False  # matmul weights cast to the autocast dtype once per optimizer step
+    cuda_graphs: bool = False  # uncompiled training forward and backward replayed as CUDA graphs (CUDA)
 
 
 @dataclass
@@ -226,6 +227,15 @@ def validate(cfg: DictConfig) -> None:
         not (m.cast_weights_once and any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))),
         "model.cast_weights_once trains one process: DDP and FSDP synchronise the weights' own gradients, "
         "not the copies' (use model.cast_weights_once=false)",
+    )
+    need(
+        not (m.cuda_graphs and (m.compile or m.cast_weights_once)),
+        "model.cuda_graphs captures the uncompiled model and its own weights: turn it off for model.compile "
+        "(model.compile_mode=reduce-overhead graphs the compiled one) and for model.cast_weights_once",
+    )
+    need(
+        not (m.cuda_graphs and any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))),
+        "model.cuda_graphs trains one process: DDP and FSDP hook into each backward (use model.cuda_graphs=false)",
     )
     need(
         not (m.compile and m.compile_scope == "blocks" and "fsdp" in str(t.strategy).lower()),

@@ -53,6 +53,7 @@ class LanguageModel(L.LightningModule):
         loss_chunk_rows: int = 0,
         fused_loss: bool = False,
         cast_weights_once: bool = False,
+        cuda_graphs: bool = False,
         max_nonfinite_steps: int = 10,
         tokenizer=None,
     ):
@@ -67,8 +68,9 @@ class LanguageModel(L.LightningModule):
         self._compile_loss = compile and compile_scope == "model"
         self.weight_copies: WeightCopies | None = None  # see use_weight_copies
         self.train_loss = self._training_loss()
-        self._cudagraphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
+        self._cudagraphs = cuda_graphs or (compile and compile_mode in ("reduce-overhead", "max-autotune"))
         self._grads_in_place = False  # set when training starts; see grads_in_place
+        self._graphs_captured = False  # model.cuda_graphs: captured at the first training step
         self._rng_to_restore = None
         self._unread_train_metrics = None  # (step, values on their way to the host, CUDA event)
 
@@ -85,6 +87,20 @@ class LanguageModel(L.LightningModule):
             loss = partial(_call_with, self, copies)
         return torch.compile(loss, mode=self.hparams.compile_mode) if self._compile_loss else loss
 
+    def capture_training_loss(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> None:
+        """Capture the training loss's forward and backward as CUDA graphs for batches shaped like (x, y); later
+        calls replay them, two launches instead of one per kernel. Its warm-up passes draw random numbers the run
+        does not keep, so dropout draws what the uncaptured model would. `dtype`: autocast's, or None."""
+        with (
+            torch.random.fork_rng(devices=[x.device] if x.is_cuda else []),
+            torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False),
+        ):  # autocast's weight cache would freeze the weights the capture cast
+            graphed = torch.cuda.make_graphed_callables(
+                _Loss(self.model, self.loss_fn), (x, y), allow_unused_input=True
+            )
+        self.train_loss = graphed.forward  # a function: the module would join the module tree and its checkpoints
+        self._graphs_captured = True
+
     def use_weight_copies(self, dtype: torch.dtype) -> None:
         """Train with copies of the matmul weights in the autocast dtype (see WeightCopies)."""
         self.weight_copies = WeightCopies(self.model, dtype)
@@ -96,12 +112,13 @@ class LanguageModel(L.LightningModule):
         self._nonfinite = torch.zeros(2, device=self.device)
         self._recent_losses: list[float] = []
         self._grads_in_place = grads_in_place(self, self.trainer.accumulate_grad_batches)
+        single_process = [key for key in ("cast_weights_once", "cuda_graphs") if self.hparams[key]]
+        if single_process and self.trainer.world_size > 1:
+            raise UserError(
+                f"model.{single_process[0]} trains one process, not {self.trainer.world_size} "
+                f"(use model.{single_process[0]}=false)"
+            )
         if self.hparams.cast_weights_once:
-            if self.trainer.world_size > 1:
-                raise UserError(
-                    f"model.cast_weights_once trains one process, not {self.trainer.world_size}: the strategy "
-                    "synchronises the weights' own gradients, not the copies' (use model.cast_weights_once=false)"
-                )
             self.use_weight_copies(AUTOCAST_DTYPES[str(self.trainer.precision)])
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
@@ -125,6 +142,8 @@ class LanguageModel(L.LightningModule):
         x, y = batch
         if self._cudagraphs:  # each micro-batch is a new iteration: earlier graph outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
+        if self.hparams.cuda_graphs and not self._graphs_captured:
+            self.capture_training_loss(x, y, AUTOCAST_DTYPES.get(str(self.trainer.precision)))
         loss = self.train_loss(x, y)
         self._loss_sum.add_(loss.detach())
         return loss
@@ -314,6 +333,17 @@ def grads_in_place(module: LanguageModel, accumulate: int) -> bool:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return True
+
+
+class _Loss(torch.nn.Module):
+    """The training loss as a module of the GPT's parameters: what make_graphed_callables captures."""
+
+    def __init__(self, model: GPT, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(x, y)
 
 
 def _call_with(module: torch.nn.Module, tensors: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

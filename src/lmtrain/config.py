@@ -19,6 +19,10 @@ from .optim import OptimConfig
 
 PRECISIONS = {"bf16-mixed", "16-mixed", "32-true", "bf16-true"}
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # the precisions that autocast
+SINGLE_PROCESS_OPTIONS = {  # model options that train one process only, and why
+    "cast_weights_once": "DDP and FSDP synchronise the weights' own gradients, not the copies'",
+    "cuda_graphs": "DDP and FSDP hook into each backward",
+}
 
 
 @dataclass
@@ -224,19 +228,13 @@ def validate(cfg: DictConfig) -> None:
         "use precision=bf16 or fp16, or model.cast_weights_once=false",
     )
     need(
-        not (m.cast_weights_once and any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))),
-        "model.cast_weights_once trains one process: DDP and FSDP synchronise the weights' own gradients, "
-        "not the copies' (use model.cast_weights_once=false)",
-    )
-    need(
         not (m.cuda_graphs and (m.compile or m.cast_weights_once)),
         "model.cuda_graphs captures the uncompiled model and its own weights: turn it off for model.compile "
         "(model.compile_mode=reduce-overhead graphs the compiled one) and for model.cast_weights_once",
     )
-    need(
-        not (m.cuda_graphs and any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))),
-        "model.cuda_graphs trains one process: DDP and FSDP hook into each backward (use model.cuda_graphs=false)",
-    )
+    distributed = any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))
+    for key, reason in SINGLE_PROCESS_OPTIONS.items():
+        need(not (m[key] and distributed), f"model.{key} trains one process: {reason} (use model.{key}=false)")
     need(
         not (m.compile and m.compile_scope == "blocks" and "fsdp" in str(t.strategy).lower()),
         "model.compile_scope=blocks compiles the blocks before FSDP wraps them: use model.compile_scope=model",

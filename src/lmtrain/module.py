@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from .config import AUTOCAST_DTYPES
+from .config import AUTOCAST_DTYPES, SINGLE_PROCESS_OPTIONS
 from .errors import UserError
 from .lr_schedule import warmup_cosine
 from .model import GPT, GPTConfig
@@ -112,7 +112,7 @@ class LanguageModel(L.LightningModule):
         self._nonfinite = torch.zeros(2, device=self.device)
         self._recent_losses: list[float] = []
         self._grads_in_place = grads_in_place(self, self.trainer.accumulate_grad_batches)
-        single_process = [key for key in ("cast_weights_once", "cuda_graphs") if self.hparams[key]]
+        single_process = [key for key in SINGLE_PROCESS_OPTIONS if self.hparams[key]]
         if single_process and self.trainer.world_size > 1:
             raise UserError(
                 f"model.{single_process[0]} trains one process, not {self.trainer.world_size} "

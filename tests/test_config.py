@@ -69,6 +69,7 @@ def test_wrong_type_is_a_composition_error():
         ("trainer.batch_size=0", "batch_size"),
         ("model.dropout=1.5", "dropout"),
         ("model.compile_scope=layers", "compile_scope='layers' must be model or blocks"),
+        ("model.norm=batchnorm", "norm='batchnorm' must be layernorm or rms"),
     ],
 )
 def test_impossible_values_are_named(override, words):

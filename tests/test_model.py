@@ -46,7 +46,7 @@ def test_residual_projections_use_scaled_init_or_zero():
     assert tiny(zero_init_proj=True).blocks[1].mlp.proj.weight.abs().sum() == 0
 
 
-@pytest.mark.parametrize("options", [{}, {"rope": True, "qk_norm": True, "mlp": "relu2"}])
+@pytest.mark.parametrize("options", [{}, {"rope": True, "qk_norm": True, "mlp": "relu2", "norm": "rms"}])
 def test_tiny_model_overfits_one_batch(options):
     model = tiny(**options)
     idx = torch.randint(65, (4, 33), generator=torch.Generator().manual_seed(1))
@@ -59,6 +59,16 @@ def test_tiny_model_overfits_one_batch(options):
         loss.backward()
         optimizer.step()
     assert first > 4.0 and loss.item() < 0.2
+
+
+def test_rms_norms_have_no_parameters_and_scale_rows_to_unit_rms():
+    plain, rms = tiny(), tiny(norm="rms")
+    norm_params = 2 * TINY.n_layer * TINY.n_embd + TINY.n_embd  # ln_1, ln_2 per block and ln_f: gains only
+    assert plain.num_params() - rms.num_params() == norm_params
+    x = torch.randn(3, 5, TINY.n_embd) * 7 + 2
+    y = rms.ln_f(x)
+    assert torch.allclose(y.pow(2).mean(-1), torch.ones(3, 5), atol=1e-4)
+    assert torch.allclose(y * x.pow(2).mean(-1, keepdim=True).sqrt(), x, atol=1e-4)  # a per-row scale, no shift
 
 
 def test_relu_squared_gradient():

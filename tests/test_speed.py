@@ -32,6 +32,7 @@ from .conftest import SHAKESPEARE, compose
         "model.rope=true",
         "model.qk_norm=true",
         "model.mlp=relu2",
+        "model.norm=rms",
         "model.zero_init_proj=true",
         "model.low_precision_residual=true",
         "optim=muon",
@@ -313,9 +314,12 @@ def test_cuda_graphs_are_captured_once_without_autocast_caching_or_the_runs_rand
         return module
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    step_marks = []  # Inductor's graph-tree marks: only compiled graphs need them (and the import they cost)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
     plain = ten_step_best_val(tmp_path / "plain", eval_interval=5)
     graphed = ten_step_best_val(tmp_path / "graphed", "model.cuda_graphs=true", eval_interval=5)
     assert cache_enabled == [False]
+    assert step_marks == []
     assert graphed == plain
 
 

@@ -11,6 +11,9 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from lmtrain.check import accumulation_check
+from lmtrain.errors import UserError
+from lmtrain.model import GPTConfig
+from lmtrain.module import LanguageModel
 from lmtrain.train import train
 
 from .conftest import compose, run_cli, scalars, smoke
@@ -134,6 +137,20 @@ def test_checkpoint_from_another_model_is_a_clear_error(smoke_run, tmp_path):
         f"ckpt_path={run_dir}/checkpoints/last.ckpt",
     )
     assert result.returncode == 2 and "does not match" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("norm,resumes", [("layernorm", True), ("rms", False)])
+def test_a_checkpoint_from_before_an_option_existed_counts_as_its_default(norm, resumes):
+    model = {**GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=65).__dict__, "norm": norm}
+    module = LanguageModel(
+        model=model, optim={}, max_steps=1, tokenizer_state={"kind": "char"}, chars_per_token={"val": 1.0}
+    )
+    saved = {"model": {k: v for k, v in model.items() if k != "norm"}, "tokenizer_state": {"kind": "char"}}
+    if resumes:
+        module._check_same_model(saved)
+    else:
+        with pytest.raises(UserError, match=r"model.norm=layernorm \(config: rms\)"):
+            module._check_same_model(saved)
 
 
 def test_accumulated_gradients_equal_the_whole_batch_through_the_trainer():

@@ -148,7 +148,7 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
         for _ in range(accumulate):
             x, y = windows.batch(batch)
             batch += 1
-            if module._cudagraphs:
+            if module._graph_trees:
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 loss = module.train_loss(x, y)

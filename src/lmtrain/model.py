@@ -2,7 +2,7 @@
 
 Shapes: B batch, T time, C = n_embd, H = n_head, D = C // H head size, V = padded vocabulary.
 Options beyond GPT-2 (all off by default): rotary position embeddings, QK-norm, ReLU² MLP,
-zero-initialised output projections, a residual stream in the autocast dtype.
+zero-initialised output projections, RMS norms without parameters, a residual stream in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings instead of learned ones
     qk_norm: bool = False  # RMS-normalise queries and keys per head
     mlp: str = "gelu"  # "gelu" (GPT-2) or "relu2" (ReLU squared)
+    norm: str = "layernorm"  # "layernorm" (GPT-2: a gain, a bias if `bias`) or "rms" (RMS norm, no parameters)
     zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
     vocab_multiple: int = 64  # pad the embedding table so the head's matmul is tensor-core aligned
     fused_qk_norm_rope: bool = True  # on a GPU, outside torch.compile: QK-norm and rotary in one Triton kernel
@@ -178,12 +179,18 @@ class MLP(nn.Module):
         return self.dropout(self.proj(h))
 
 
+def norm_layer(config: GPTConfig) -> nn.Module:
+    if config.norm == "rms":  # no gain: its backward skips the per-feature reduction over every row
+        return nn.RMSNorm(config.n_embd, elementwise_affine=False)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
@@ -199,7 +206,7 @@ class GPT(nn.Module):
         self.wpe = None if config.rope else nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         if config.rope:

@@ -29,6 +29,7 @@ ARCHITECTURE = (
     "rope",
     "qk_norm",
     "mlp",
+    "norm",
     "vocab_multiple",
 )
 FUSED_PRECISIONS = {"bf16-mixed", "bf16-true", "32-true", "32"}  # no GradScaler that must unscale first
@@ -68,7 +69,9 @@ class LanguageModel(L.LightningModule):
         self._compile_loss = compile and compile_scope == "model"
         self.weight_copies: WeightCopies | None = None  # see use_weight_copies
         self.train_loss = self._training_loss()
-        self._cudagraphs = cuda_graphs or (compile and compile_mode in ("reduce-overhead", "max-autotune"))
+        # Inductor's CUDA graph trees (compiled), or the uncompiled loss replayed from graphs (model.cuda_graphs)
+        self._graph_trees = compile and compile_mode in ("reduce-overhead", "max-autotune")
+        self._cudagraphs = cuda_graphs or self._graph_trees
         self._grads_in_place = False  # set when training starts; see grads_in_place
         self._graphs_captured = False  # model.cuda_graphs: captured at the first training step
         self._rng_to_restore = None
@@ -140,8 +143,8 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if self._cudagraphs:  # each micro-batch is a new iteration: earlier graph outputs may be reused
-            torch.compiler.cudagraph_mark_step_begin()
+        if self._graph_trees:  # each micro-batch is a new iteration: earlier graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()  # (imports Inductor: ~1 s at the first step)
         if self.hparams.cuda_graphs and not self._graphs_captured:
             self.capture_training_loss(x, y, AUTOCAST_DTYPES.get(str(self.trainer.precision)))
         loss = self.train_loss(x, y)
@@ -307,8 +310,11 @@ class LanguageModel(L.LightningModule):
     def _check_same_model(self, saved: dict) -> None:
         """A checkpoint resumes only the model and tokenizer it was trained with."""
         ours, theirs = self.hparams.model, saved.get("model", {})
+        defaults = GPTConfig()  # what a checkpoint from before an option was added was trained with
         differences = [
-            f"model.{k}={theirs.get(k)} (config: {ours[k]})" for k in ARCHITECTURE if theirs.get(k) != ours[k]
+            f"model.{k}={theirs.get(k, getattr(defaults, k))} (config: {ours[k]})"
+            for k in ARCHITECTURE
+            if theirs.get(k, getattr(defaults, k)) != ours[k]
         ]
         if saved.get("tokenizer_state") != self.hparams.tokenizer_state:
             differences.append(

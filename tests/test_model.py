@@ -79,9 +79,10 @@ def test_relu_squared_gradient():
     assert torch.autograd.gradcheck(_ReLUSquared.apply, (x,))
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rms"])
 @pytest.mark.parametrize("low_precision", [False, True])
-def test_residual_stream_dtype_under_autocast(low_precision):
-    model = tiny(low_precision_residual=low_precision)
+def test_residual_stream_dtype_under_autocast(low_precision, norm):
+    model = tiny(low_precision_residual=low_precision, norm=norm)
     seen = []
     for block in model.blocks:
         block.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))

@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,7 @@ from .checkpointing import AtomicCheckpointIO
 from .config import to_container, training_block_size
 from .data.datamodule import TextDataModule
 from .errors import UserError, one_line
+from .model import GPTConfig
 from .module import LanguageModel
 
 # Batches are sliced on the device by the dataset itself: loader workers would only add copies.
@@ -90,18 +92,9 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
 
 
 def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
-    """The GPTConfig fields: the model group without the compile switches, the vocabulary from the tokenizer."""
-    arguments = to_container(cfg.model)
-    for key in (
-        "compile",
-        "compile_mode",
-        "compile_scope",
-        "loss_chunk_rows",
-        "fused_loss",
-        "cast_weights_once",
-        "cuda_graphs",
-    ):
-        arguments.pop(key)
+    """The GPTConfig fields: the model group without its training switches, the vocabulary from the tokenizer."""
+    architecture = {f.name for f in fields(GPTConfig)}
+    arguments = {key: value for key, value in to_container(cfg.model).items() if key in architecture}
     if arguments["vocab_size"] is not None and arguments["vocab_size"] < vocab_size:
         raise UserError(
             f"model.vocab_size={arguments['vocab_size']} is below the tokenizer's {vocab_size} ids; "

@@ -309,13 +309,10 @@ class LanguageModel(L.LightningModule):
 
     def _check_same_model(self, saved: dict) -> None:
         """A checkpoint resumes only the model and tokenizer it was trained with."""
-        ours, theirs = self.hparams.model, saved.get("model", {})
+        ours, saved_model = self.hparams.model, saved.get("model", {})
         defaults = GPTConfig()  # what a checkpoint from before an option was added was trained with
-        differences = [
-            f"model.{k}={theirs.get(k, getattr(defaults, k))} (config: {ours[k]})"
-            for k in ARCHITECTURE
-            if theirs.get(k, getattr(defaults, k)) != ours[k]
-        ]
+        theirs = {k: saved_model.get(k, getattr(defaults, k)) for k in ARCHITECTURE}
+        differences = [f"model.{k}={theirs[k]} (config: {ours[k]})" for k in ARCHITECTURE if theirs[k] != ours[k]]
         if saved.get("tokenizer_state") != self.hparams.tokenizer_state:
             differences.append(
                 f"tokenizer {saved.get('tokenizer_state', {}).get('kind')} "

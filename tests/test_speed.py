@@ -32,6 +32,7 @@ from .conftest import SHAKESPEARE, compose
         "model.rope=true",
         "model.qk_norm=true",
         "model.mlp=relu2",
+        "model.mlp=gelu_tanh",
         "model.norm=rms",
         "model.zero_init_proj=true",
         "model.low_precision_residual=true",
@@ -174,6 +175,56 @@ def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
     assert torch.allclose(fused, torch.stack(expected), atol=1e-5)
     assert torch.allclose(qkv.grad, expected_grad, atol=1e-5)
     assert torch.equal(fused[2], qkv[:, :, 2])  # v passes through
+
+
+def _mlp_operands(dtype, device="cpu", tokens=(2, 40), width=64):
+    torch.manual_seed(0)
+    x = torch.randn(*tokens, width, dtype=dtype, device=device)
+    w_fc = torch.randn(4 * width, width, dtype=dtype, device=device) / width**0.5
+    w_proj = torch.randn(width, 4 * width, dtype=dtype, device=device) / (4 * width) ** 0.5
+    grad = torch.randn(*tokens, width, dtype=dtype, device=device)
+    return [t.requires_grad_() for t in (x, w_fc, w_proj)], grad
+
+
+def _mlp_and_gradients(mlp, operands, grad):
+    out = mlp(*operands)
+    return [out, *torch.autograd.grad(out, operands, grad)]
+
+
+def _linear_gelu_linear(x, w_fc, w_proj):
+    return F.linear(F.gelu(F.linear(x, w_fc), approximate="tanh"), w_proj)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gelu_mlp_equals_linear_gelu_linear_in_values_and_gradients(compiled):
+    from lmtrain.cublaslt import gelu_mlp
+
+    operands, grad = _mlp_operands(torch.float64)
+    mlp = torch.compile(gelu_mlp, fullgraph=True) if compiled else gelu_mlp  # the custom ops trace as one graph
+    got = _mlp_and_gradients(mlp, operands, grad)
+    expected = _mlp_and_gradients(_linear_gelu_linear, operands, grad)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and torch.allclose(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's epilogues run on a GPU (the device tool)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cublaslt_gelu_epilogues_are_as_close_to_float32_as_pytorchs_own_ops(dtype):
+    from lmtrain.cublaslt import gelu_mlp, supported
+
+    operands, grad = _mlp_operands(dtype, "cuda", tokens=(4, 256), width=256)
+    assert supported(*operands)
+    exact = _mlp_and_gradients(
+        _linear_gelu_linear, [t.detach().double().requires_grad_() for t in operands], grad.double()
+    )
+    pytorch = _mlp_and_gradients(_linear_gelu_linear, operands, grad)
+    cublaslt = _mlp_and_gradients(gelu_mlp, operands, grad)
+    for name, ours, theirs, e in zip(("output", "x", "w_fc", "w_proj"), cublaslt, pytorch, exact):
+        error = ((ours.double() - e).norm() / e.norm()).item()
+        assert error <= 1.5 * ((theirs.double() - e).norm() / e.norm()).item() + 1e-4, name
+    x = operands[0].detach()
+    misaligned = torch.empty(x.numel() + 8, dtype=dtype, device="cuda")[8:].view_as(x).copy_(x)  # 16 bytes off
+    assert misaligned.data_ptr() % 256 and torch.equal(gelu_mlp(misaligned, *operands[1:]), cublaslt[0])
 
 
 def test_model_loss_fused_equals_the_full_loss():

@@ -201,7 +201,7 @@ def validate(cfg: DictConfig) -> None:
             f"choose an n_head that divides it, e.g. {_divisor_near(m.n_embd, m.n_head)}",
         )
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    need(m.mlp in ("gelu", "relu2"), f"model.mlp={m.mlp!r} must be gelu or relu2")
+    need(m.mlp in ("gelu", "gelu_tanh", "relu2"), f"model.mlp={m.mlp!r} must be gelu, gelu_tanh or relu2")
     need(m.norm in ("layernorm", "rms"), f"model.norm={m.norm!r} must be layernorm or rms")
     need(
         not m.rope or (m.n_head >= 1 and (m.n_embd // m.n_head) % 2 == 0),

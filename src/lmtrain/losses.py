@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of this tensor runs in: autocast's where it is on, else the tensor's own."""
     device = tensor.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
@@ -22,21 +23,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int, chunk_rows: int):
         # hidden (N, C), weight (V_padded, C), targets (N,): the mean loss over the N rows
-        compute_dtype = _compute_dtype(hidden)
-        head = weight[:vocab_size].to(compute_dtype)
+        dtype = compute_dtype(hidden)
+        head = weight[:vocab_size].to(dtype)
         n = hidden.size(0)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_head = torch.zeros(head.shape, device=weight.device, dtype=torch.float32)
         for start in range(0, n, chunk_rows):
-            rows = hidden[start : start + chunk_rows].to(compute_dtype)
+            rows = hidden[start : start + chunk_rows].to(dtype)
             target = targets[start : start + chunk_rows]
             logits = (rows @ head.T).float()  # (rows, V)
             log_z = torch.logsumexp(logits, dim=-1)
             loss += (log_z - logits.gather(1, target[:, None]).squeeze(1)).sum()
             grad_logits = torch.softmax(logits, dim=-1)  # d(mean loss)/d(logits) = (softmax - onehot) / N
             grad_logits.scatter_add_(1, target[:, None], torch.full_like(log_z, -1.0)[:, None])
-            grad_logits = (grad_logits / n).to(compute_dtype)
+            grad_logits = (grad_logits / n).to(dtype)
             grad_hidden[start : start + chunk_rows] = (grad_logits @ head).to(hidden.dtype)
             grad_head += (grad_logits.T @ rows).float()
         grad_weight = torch.zeros_like(weight)
@@ -88,8 +89,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden and weight in the compute dtype, and the logits (N, V_padded) they make."""
-    compute_dtype = _compute_dtype(hidden)
-    rows, head = hidden.to(compute_dtype), weight.to(compute_dtype)
+    dtype = compute_dtype(hidden)
+    rows, head = hidden.to(dtype), weight.to(dtype)
     return rows, head, rows @ head.T
 
 

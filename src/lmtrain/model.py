@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import chunked_linear_cross_entropy, fused_linear_cross_entropy
+from . import cublaslt
+from .losses import chunked_linear_cross_entropy, compute_dtype, fused_linear_cross_entropy
 
 
 @dataclass
@@ -29,12 +30,13 @@ class GPTConfig:
     bias: bool = False
     rope: bool = False  # rotary position embeddings instead of learned ones
     qk_norm: bool = False  # RMS-normalise queries and keys per head
-    mlp: str = "gelu"  # "gelu" (GPT-2) or "relu2" (ReLU squared)
+    mlp: str = "gelu"  # "gelu" (erf), "gelu_tanh" (GPT-2's own tanh approximation) or "relu2" (ReLU squared)
     norm: str = "layernorm"  # "layernorm" (GPT-2: a gain, a bias if `bias`) or "rms" (RMS norm, no parameters)
     zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
     vocab_multiple: int = 64  # pad the embedding table so the head's matmul is tensor-core aligned
     fused_qk_norm_rope: bool = True  # on a GPU, outside torch.compile: QK-norm and rotary in one Triton kernel
     low_precision_residual: bool = False  # under autocast, the residual stream in the autocast dtype, not float32
+    gelu_in_matmul: bool = True  # on a GPU in bf16/fp16, mlp=gelu_tanh without bias: cuBLASLt's GELU epilogues
 
     @property
     def padded_vocab_size(self) -> int:
@@ -171,11 +173,20 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.relu2 = config.mlp == "relu2"
+        self.activation = config.mlp
+        self.gelu_in_matmul = config.mlp == "gelu_tanh" and config.gelu_in_matmul and not config.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_in_matmul and x.is_cuda:
+            dtype = compute_dtype(x)
+            operands = x.to(dtype), self.fc.weight.to(dtype), self.proj.weight.to(dtype)
+            if cublaslt.supported(*operands):
+                return self.dropout(cublaslt.gelu_mlp(*operands))
         h = self.fc(x)
-        h = _ReLUSquared.apply(h) if self.relu2 else F.gelu(h)
+        if self.activation == "relu2":
+            h = _ReLUSquared.apply(h)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return self.dropout(self.proj(h))
 
 

@@ -266,9 +266,9 @@ class GPT(nn.Module):
         else:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        if self.config.low_precision_residual and torch.is_autocast_enabled(x.device.type):
-            # bf16 adds and layer-norm inputs: half the memory traffic of the float32 stream autocast keeps
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.config.low_precision_residual:
+            # under autocast, bf16 adds and layer-norm inputs: half the memory traffic of its float32 stream
+            x = x.to(compute_dtype(x))
         blocks = self.compiled_blocks if self.training and cache is None and self.compiled_blocks else self.blocks
         for block in blocks:
             x = block(x, rotary, cache)

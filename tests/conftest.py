@@ -14,7 +14,6 @@ if not torch.cuda.is_available():  # Triton kernels (model.fused_loss) run in it
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(REPO / "conf")
 MIRROR = Path(os.environ.get("LMTRAIN_DATA_MIRROR") or REPO.parent / "shared" / "data")
 SHAKESPEARE = MIRROR / "tinyshakespeare.txt"
 
@@ -30,13 +29,9 @@ def offline_data(tmp_path_factory):
 
 def compose(*overrides: str, config_name: str = "train"):
     """The config `python -m lmtrain.train <overrides>` would run with."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from lmtrain.cli import compose as cli_compose
 
-    import lmtrain.config  # noqa: F401  (registers the schemas)
-
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return cli_compose(config_name, overrides)
 
 
 def run_cli(module: str, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:

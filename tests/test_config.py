@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from lmtrain.cli import CONFIG_DIR
 from lmtrain.config import validate
 from lmtrain.errors import UserError
 
-from .conftest import CONFIG_DIR, compose
+from .conftest import compose
 
 GROUPS = {
     group.name: sorted(p.stem for p in group.glob("*.yaml"))

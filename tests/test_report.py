@@ -8,9 +8,10 @@ import matplotlib.image
 import pytest
 import yaml
 
+from lmtrain.cli import CONFIG_DIR
 from lmtrain.report import diverged, spikes
 
-from .conftest import CONFIG_DIR, compose, run_cli
+from .conftest import compose, run_cli
 
 
 @pytest.fixture(scope="module")

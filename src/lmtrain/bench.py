@@ -161,8 +161,8 @@ def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     """Tokens/s of sampling one block: KV cache, none, and (on a GPU) CUDA-graph replays (random weights)."""
     import torch
 
-    from .bench_train import compose_config
     from .build import model_arguments
+    from .cli import compose
     from .model import GPT, GPTConfig
 
     parser = argparse.ArgumentParser(prog="python -m lmtrain.bench generate")
@@ -172,7 +172,7 @@ def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     args, overrides = parser.parse_known_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config(overrides, tmp)
+        cfg = compose("train", [*overrides, f"output_dir={tmp}"])
     model = GPT(GPTConfig(**model_arguments(cfg, args.vocab))).to(device).eval()
     new_tokens = model.config.block_size - 1
     prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=device)

@@ -8,19 +8,15 @@ The model and the tokenizer both come from the checkpoint; the same seed gives t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from . import config  # noqa: F401  (registers the schemas)
 from .checkpointing import load_checkpoint
-from .errors import UserError, exit_on_user_error, restore_full_error, run_hydra_app
+from .cli import command
+from .errors import UserError
 from .model import GPT, GPTConfig
 from .tokenizer import from_state
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str | None):
@@ -91,15 +87,7 @@ def sample(cfg: DictConfig) -> None:
                     print()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
-def _hydra_main(cfg: DictConfig) -> None:
-    restore_full_error()
-    with exit_on_user_error():
-        sample(cfg)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
+main = command(sample, config_name="sample")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from . import config  # noqa: F401  (registers the schemas)
+from .cli import command
 from .config import validate_schedule
-from .errors import exit_on_user_error, restore_full_error, run_hydra_app
 from .fileio import atomic_write
 from .lr_schedule import warmup_cosine
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def schedule_lrs(steps: int, *, warmup_steps: int, max_steps: int, max_lr: float, min_lr: float) -> list[float]:
@@ -97,16 +93,13 @@ def run(cfg: DictConfig) -> bool:
     return all_ok
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="schedule")
-def _hydra_main(cfg: DictConfig) -> None:
-    restore_full_error()
-    with exit_on_user_error():
-        if not run(cfg):
-            raise SystemExit(1)
+def draw_and_check(cfg: DictConfig) -> None:
+    """The command: draw the schedule and exit 1 unless every key point matches."""
+    if not run(cfg):
+        raise SystemExit(1)
 
 
-def main() -> None:
-    run_hydra_app(_hydra_main)
+main = command(draw_and_check, config_name="schedule")
 
 
 if __name__ == "__main__":

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from . import build
 from .checkpointing import newest_matching_run, resolve_ckpt_path
-from .config import validate
-from .errors import UserError, exit_on_user_error, restore_full_error, run_hydra_app
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from .cli import command
+from .config import check_machine, validate
+from .errors import UserError
 
 
 def train(cfg: DictConfig) -> float:
     """One training run from a composed config; returns its best val/loss (what a sweeper minimises)."""
     validate(cfg)
+    check_machine(cfg)
     import lightning as L
 
     if cfg.ckpt_path == "last":
@@ -33,8 +32,9 @@ def train(cfg: DictConfig) -> float:
     datamodule = build.build_datamodule(cfg)
     datamodule.prepare_data()
     module = build.build_module(cfg, datamodule)
+    callbacks = build.build_callbacks(cfg) + build.apply_fast(cfg, module)
     logger = build.build_logger(cfg)
-    trainer = build.build_trainer(cfg, build.build_callbacks(cfg), logger)
+    trainer = build.build_trainer(cfg, callbacks, logger)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, build.output_dir(cfg))
     build.log_config(logger, cfg)
     if ckpt_path is None and cfg.trainer.eval_at_start:
@@ -61,15 +61,7 @@ def run_to_resume(cfg: DictConfig) -> Path:
     return found
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float:
-    restore_full_error()
-    with exit_on_user_error():
-        return train(cfg)
-
-
-def main() -> None:
-    run_hydra_app(_hydra_main)
+main = command(train, config_name="train")
 
 
 if __name__ == "__main__":

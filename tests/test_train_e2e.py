@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 
+from lmtrain.callbacks import StepProgressBar
 from lmtrain.check import accumulation_check
 from lmtrain.errors import UserError
 from lmtrain.model import GPTConfig
@@ -160,14 +160,11 @@ def test_accumulated_gradients_equal_the_whole_batch_through_the_trainer():
 
 def test_the_progress_bar_counts_optimizer_steps(tmp_path, monkeypatch):
     seen = []
-    on_train_epoch_end = RichProgressBar.on_train_epoch_end
 
     def recording(self, trainer, pl_module):
-        on_train_epoch_end(self, trainer, pl_module)
-        task = self.train_progress_bar
-        seen.append((task.description, task.completed, task.total))
+        seen.extend((t.description, t.completed, t.total) for t in self.progress.tasks if t.id == self.train_task)
 
-    monkeypatch.setattr(RichProgressBar, "on_train_epoch_end", recording)  # the configured bar's base
+    monkeypatch.setattr(StepProgressBar, "on_train_end", recording)
     train(
         compose(
             "experiment=smoke",

@@ -13,8 +13,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from .fileio import atomic_write_bytes
 
@@ -35,22 +44,72 @@ def generate_text(pl_module: L.LightningModule, prompt: str, max_new_tokens: int
     return tokenizer.decode(out[0].tolist())
 
 
-class StepProgressBar(RichProgressBar):
-    """Rich progress counted in optimizer steps ("Training 120/600"). Lightning's bar counts micro-batches
-    against a total of optimizer steps (2400/600 under accumulation of 4) and titles the one endless epoch
-    of a step-bounded run "Epoch 0/-2"."""
+class StepProgressBar(ProgressBar):
+    """Rich progress in optimizer steps ("Training 120/600") and evaluation batches, redrawn `refresh_rate` times a
+    second. Lightning's RichProgressBar counts micro-batches against a total of optimizer steps (2400/600 under
+    accumulation of 4), titles the one endless epoch of a step-bounded run "Epoch 0/-2", and offers no public way
+    to change either."""
 
-    @property
-    def total_train_batches(self) -> int | float:
-        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+    def __init__(self, refresh_rate: float = 10):
+        super().__init__()
+        self.refresh_rate = refresh_rate
+        self.enabled = True
+        self.progress: Progress | None = None
+        self.train_task: TaskID | None = None
+        self.eval_task: TaskID | None = None
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        return f"{'Training':{len(self.validation_description)}}"
+    def disable(self) -> None:
+        self.enabled = False
 
-    def _update(self, progress_bar_id, current: int, visible: bool = True, hard: bool = False) -> None:
-        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id:
-            current = self.trainer.global_step
-        super()._update(progress_bar_id, current, visible, hard)
+    def enable(self) -> None:
+        self.enabled = True
+
+    def start(self) -> None:
+        if self.enabled and self.progress is None:
+            self.progress = Progress(
+                TextColumn("{task.description:10}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("<"),
+                TimeRemainingColumn(),
+                refresh_per_second=self.refresh_rate,
+            )
+            self.progress.start()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start()
+        if self.progress is not None:
+            self.train_task = self.progress.add_task("Training", total=trainer.max_steps, completed=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.train_task is not None:
+            self.progress.update(self.train_task, completed=trainer.global_step)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start()
+        if self.progress is not None and not trainer.sanity_checking:
+            self.eval_task = self.progress.add_task("Validation", total=sum(trainer.num_val_batches))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        if self.eval_task is not None:
+            self.progress.advance(self.eval_task)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.eval_task is not None:
+            self.progress.remove_task(self.eval_task)
+            self.eval_task = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stop()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.progress = self.train_task = self.eval_task = None
 
 
 class SampleText(Callback):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lmtrain.data.corpus import prepare_corpus, split_text
-from lmtrain.data.sources import TINYSHAKESPEARE, fetch
 from lmtrain.data.windows import RandomWindows, full_pass_starts, slice_windows
 from lmtrain.errors import UserError
+from lmtrain.sources import TINYSHAKESPEARE, fetch
 from lmtrain.tokenizer import char, gpt2
 
 from .conftest import MIRROR, SHAKESPEARE

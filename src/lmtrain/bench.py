@@ -26,7 +26,7 @@ def best_time(fn, repeats: int) -> float:
 
 
 def shakespeare_text() -> str:
-    from .data.sources import TINYSHAKESPEARE, fetch
+    from .sources import TINYSHAKESPEARE, fetch
 
     cache = Path(os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")).expanduser()
     mirror = os.environ.get("LMTRAIN_DATA_MIRROR")

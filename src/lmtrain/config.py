@@ -66,7 +66,7 @@ class CharTokenizerConfig(TokenizerConfig):
 
 @dataclass
 class BPETokenizerConfig(TokenizerConfig):
-    _target_: str = "lmtrain.tokenizer.bpe.build"
+    _target_: str = "lmtrain.tokenizer.bpe_train.build"
     vocab_size: int = 4096  # byte tokens + merges + special tokens
     pattern: str = "gpt2"  # pre-tokenization: gpt2, gpt4 or none
     special_tokens: list[str] = field(default_factory=list)

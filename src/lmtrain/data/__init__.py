@@ -1,1 +1,1 @@
-"""Text sources, cached token ids and the random-window data module (import the submodules directly)."""
+"""A corpus tokenized into cached ids and the random-window data module (import the submodules directly)."""

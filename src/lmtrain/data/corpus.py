@@ -11,8 +11,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import atomic_write, atomic_write_bytes, sha256_bytes, sha256_file
+from ..sources import REMOTES, fetch, read_text
 from ..tokenizer import Tokenizer, fingerprint
-from .sources import REMOTES, fetch, read_text
 
 TokenizerFactory = Callable[..., Tokenizer]
 

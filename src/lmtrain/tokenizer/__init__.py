@@ -2,8 +2,8 @@
 
 A tokenizer has `kind`, `vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> str` and `state()`,
 a JSON-able dict from which `from_state` rebuilds it: checkpoints carry it, so sampling never guesses.
-Each kind's module has `build(text=, train_text=, cache_dir=, mirror=, ...)`, the factory the
-`tokenizer/` config group instantiates.
+Each kind has a factory `build(text=, train_text=, cache_dir=, mirror=, ...)` that the `tokenizer/` config
+group instantiates: char.build, gpt2.build, bpe_train.build (loads or trains), spm.build.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from .bpe import PATTERNS, BPETokenizer, from_gpt2_files
 
 
 def read_inputs(paths: list[str]) -> list[str]:
-    from ..data.sources import read_text
+    from ..sources import read_text
 
     return [read_text(Path(p)) for p in paths]
 

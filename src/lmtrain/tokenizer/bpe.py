@@ -288,29 +288,3 @@ def from_gpt2_files(folder: Path | str) -> BPETokenizer:
     specials = {token: token_id for token, token_id in encoder.items() if token.startswith("<|")}
     return BPETokenizer(merges, "gpt2", specials, byte_ids)
 
-
-def build(
-    *,
-    text: str,
-    train_text: str,
-    cache_dir,
-    mirror,
-    vocab_size: int = 4096,
-    pattern: str = "gpt2",
-    special_tokens: list[str] | None = None,
-    path: str | None = None,
-) -> BPETokenizer:
-    """A saved tokenizer (`path`), or one trained on the training split, cached by text hash and settings."""
-    if path:
-        return BPETokenizer.load(path)
-    from ..fileio import sha256_bytes
-    from .bpe_train import train_bpe
-
-    specials = list(special_tokens or [])
-    key = sha256_bytes(json.dumps([sha256_bytes(train_text.encode()), vocab_size, pattern, specials]).encode())[:16]
-    cached = Path(cache_dir).expanduser() / "tokenizers" / f"bpe-{key}.json"
-    if cached.is_file():
-        return BPETokenizer.load(cached)
-    tokenizer = train_bpe([train_text], vocab_size, pattern, specials)
-    tokenizer.save(cached)
-    return tokenizer

@@ -5,18 +5,23 @@ The rule (the tests hold a naive version of it): count adjacent pairs within pre
 overlaps included (`aaa` holds (a, a) twice), weighted by the chunk's frequency; merge the most
 frequent pair, ties to the smallest (first id, then second), replacing its occurrences left to right
 without overlap; stop at the vocabulary size or when no pair occurs twice.
+
+`build` is the `tokenizer=bpe` factory: a saved tokenizer, or one trained here (cached).
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import os
 import pickle
 import re
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
+from ..fileio import sha256_bytes
 from .bpe import BPETokenizer, split_specials, splitter
 
 
@@ -206,3 +211,27 @@ def train_bpe(
     merges = learn_merges(chunk_counts, n_merges, progress)
     special_ids = {token: 256 + len(merges) + i for i, token in enumerate(specials)}
     return BPETokenizer(merges, pattern, special_ids)
+
+
+def build(
+    *,
+    text: str,
+    train_text: str,
+    cache_dir,
+    mirror,
+    vocab_size: int = 4096,
+    pattern: str = "gpt2",
+    special_tokens: list[str] | None = None,
+    path: str | None = None,
+) -> BPETokenizer:
+    """A saved tokenizer (`path`), or one trained on the training split, cached by text hash and settings."""
+    if path:
+        return BPETokenizer.load(path)
+    specials = list(special_tokens or [])
+    key = sha256_bytes(json.dumps([sha256_bytes(train_text.encode()), vocab_size, pattern, specials]).encode())[:16]
+    cached = Path(cache_dir).expanduser() / "tokenizers" / f"bpe-{key}.json"
+    if cached.is_file():
+        return BPETokenizer.load(cached)
+    tokenizer = train_bpe([train_text], vocab_size, pattern, specials)
+    tokenizer.save(cached)
+    return tokenizer

@@ -6,8 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..data.sources import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, fetch
 from ..fileio import atomic_write_bytes, sha256_file
+from ..sources import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, fetch
 
 
 class GPT2Tokenizer:

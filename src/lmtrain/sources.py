@@ -1,12 +1,15 @@
-"""Where text and tokenizer files come from: a public URL checked by sha256, a local mirror, or a user's files."""
+"""Where text and tokenizer files come from: a public URL checked by sha256, a local mirror, or a user's files.
+
+Both data/ (the corpus) and tokenizer/ (GPT-2's files, training inputs) read through it; it imports neither.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import UserError
-from ..fileio import atomic_write_bytes, sha256_bytes, sha256_file
+from .errors import UserError
+from .fileio import atomic_write_bytes, sha256_bytes, sha256_file
 
 
 class Remote(NamedTuple):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from rich.progress import (
     BarColumn,
@@ -175,7 +176,7 @@ class RunSummary(Callback):
     def __init__(self, path: str):
         self.path = Path(path)
         self.best = {"val_loss": math.inf}
-        self.eval_s = 0.0  # evaluation, sampling and best checkpoints, within fit
+        self.eval_s = 0.0  # evaluation and sampling, within fit
         self._start: tuple[float, int] | None = None
 
     def state_dict(self) -> dict:
@@ -191,7 +192,7 @@ class RunSummary(Callback):
         self._eval_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # runs after the checkpoint and sample callbacks listed before it: their time counts as evaluation
+        # runs after the sample callback listed before it, whose time counts as evaluation (checkpoints come last)
         if self._start is not None:
             self.eval_s += time.perf_counter() - self._eval_start
         metrics = trainer.callback_metrics
@@ -235,103 +236,107 @@ class RunSummary(Callback):
         print("summary: " + json.dumps(summary), flush=True)
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint every n optimizer steps; on a step that also evaluates, written after the evaluation.
-    Lightning does not repeat the evaluation of a step it resumes at, so a checkpoint written before it
-    would leave a resumed run without that point of the validation curve."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._after_evaluation = False
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-        if due and evaluates_after_this_batch(trainer):
-            self._after_evaluation = True
-            return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if self._after_evaluation and not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
-        self._after_evaluation = False
+STEP_FILE = re.compile(r"step-(\d+)\.ckpt")
 
 
-def evaluates_after_this_batch(trainer: L.Trainer) -> bool:
-    """Whether Lightning runs validation after the current training batch (step-based validation)."""
-    return (
-        trainer.enable_validation and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % trainer.val_check_batch == 0
-    )
-
-
-class CheckpointOnExit(Callback):
-    """A full checkpoint whenever training stops: at its end (whatever the periodic interval), and on
-    SIGTERM or Ctrl-C, which finish the optimizer step in progress and stop cleanly with the command that
-    resumes. A second Ctrl-C interrupts at once. `last.ckpt` points at the checkpoint written."""
+class ResumeCheckpoints(Checkpoint):
+    """Full checkpoints to resume from (model, optimizer, schedule, RNG streams), step-NNNNNN.ckpt: every
+    `every_n_steps` optimizer steps, the newest `keep_last` kept; when training ends; and when SIGTERM or Ctrl-C
+    stops it, which finishes the optimizer step in progress and prints the command that resumes (a second Ctrl-C
+    interrupts at once). On a step that also evaluates, the checkpoint is written after the evaluation: Lightning
+    does not repeat the evaluation of the step it resumes at. `last.ckpt` links the newest, replaced atomically."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str, every_n_steps: int, keep_last: int, eval_interval: int):
         self.dirpath = Path(dirpath)
-        self.received: int | None = None
-        self._previous: dict = {}
+        self.every_n_steps, self.keep_last, self.eval_interval = every_n_steps, keep_last, eval_interval
+        self.received: int | None = None  # the signal that stops training
+        self.step_done: int | None = None  # the optimizer step whose end was handled
+        self.after_evaluation: int | None = None  # the step whose checkpoint waits for its evaluation
+        self.saved_step: int | None = None
+        self.previous_handlers: dict = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self.step_done = trainer.global_step
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set signal handlers
+            for signum in self.SIGNALS:
+                self.previous_handlers[signum] = signal.signal(signum, self.on_signal)
 
-    def _handle(self, signum, frame) -> None:
+    def on_signal(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if not at_step_boundary or trainer.should_stop:
+        step = trainer.global_step
+        if step == self.step_done:  # a micro-batch within the optimizer step
             return
-        if trainer.world_size > 1:  # every rank must stop at the same step: agree once per logging interval
+        self.step_done = step
+        stop = self.stop_requested(trainer)
+        if stop:
+            trainer.should_stop = True
+        if stop or step % self.every_n_steps == 0:
+            if trainer.enable_validation and step % self.eval_interval == 0:
+                self.after_evaluation = step
+            else:
+                self.save(trainer)
+
+    def stop_requested(self, trainer: L.Trainer) -> bool:
+        """Whether a signal arrived; with several processes, whether one did on any, agreed once per logging
+        interval so that every rank stops at the same step."""
+        if trainer.world_size > 1:
             if trainer.global_step % trainer.log_every_n_steps:
-                return
-            stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-            self.received = self.received or (signal.SIGTERM if stop else None)
-        if self.received is None:
-            return
-        path = self._save(trainer)
-        trainer.should_stop = True
-        if trainer.is_global_zero:
+                return False
+            if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+                self.received = self.received or signal.SIGTERM
+        return self.received is not None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.after_evaluation == trainer.global_step:
+            self.save(trainer)
+            self.after_evaluation = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.save(trainer)
+        self.restore_handlers()
+        if self.received is not None and trainer.is_global_zero:
             print(
                 f"\nstopped by {signal.Signals(self.received).name} after step {trainer.global_step}: "
                 f"checkpoint {path}\nresume with: {resume_command()}",
                 flush=True,
             )
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
-        self._restore()
-
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
+        self.restore_handlers()
 
-    def _save(self, trainer: L.Trainer) -> Path:
+    def save(self, trainer: L.Trainer) -> Path:
+        """This step's checkpoint (written once), last.ckpt pointing at it, older ones beyond keep_last removed."""
         path = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
-        if not path.exists():
-            trainer.save_checkpoint(path)
-        if trainer.is_global_zero:  # last.ckpt -> this file, replaced atomically
+        if self.saved_step == trainer.global_step:
+            return path
+        trainer.save_checkpoint(path)  # on every rank: a collective under sharded strategies
+        self.saved_step = trainer.global_step
+        if trainer.is_global_zero:
             link = self.dirpath / ".last.ckpt.tmp-link"
             link.unlink(missing_ok=True)
             link.symlink_to(path.name)
             os.replace(link, self.dirpath / "last.ckpt")
+            self.remove_old(trainer.global_step)
         return path
 
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
+    def remove_old(self, newest: int) -> None:
+        """The step checkpoints before `newest` beyond the `keep_last` newest. Later ones, left by a run that
+        went further before this one resumed from an earlier step, are overwritten as this run reaches them."""
+        steps = {int(m[1]): p for p in self.dirpath.glob("step-*.ckpt") if (m := STEP_FILE.fullmatch(p.name))}
+        older = sorted(step for step in steps if step < newest)
+        for step in older[: max(len(older) - (self.keep_last - 1), 0)]:
+            steps[step].unlink(missing_ok=True)
+
+    def restore_handlers(self) -> None:
+        for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
-        self._previous = {}
+        self.previous_handlers = {}
 
 
 def resume_command() -> str:

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from . import build
+from .cli import compose
 from .config import training_block_size, validate
 from .errors import UserError
 from .module import grads_in_place
@@ -38,15 +39,6 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile; GPU 10, CPU 3)")
     parser.add_argument("--out", help="also write the results as JSON")
     return parser.parse_known_args(argv)
-
-
-def compose_config(overrides: list[str], output_dir: str):
-    from hydra import compose, initialize_config_dir
-
-    from .train import CONFIG_DIR
-
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-        return compose(config_name="train", overrides=[*overrides, f"output_dir={output_dir}"])
 
 
 def flops_per_token(model) -> int:
@@ -173,7 +165,8 @@ def bench_train(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     steps = args.steps if args.steps is not None else (50 if on_gpu else 20)
     with tempfile.TemporaryDirectory() as output_dir:
         # the configured schedule and run length stay; no evaluation falls inside the measured steps
-        cfg = compose_config([*overrides, "trainer.eval_interval=1000000", "trainer.eval_at_start=false"], output_dir)
+        no_eval = ["trainer.eval_interval=1000000", "trainer.eval_at_start=false"]
+        cfg = compose("train", [*overrides, *no_eval, f"output_dir={output_dir}"])
         if cfg.trainer.max_steps < warmup + steps:
             raise UserError(
                 f"trainer.max_steps={cfg.trainer.max_steps} is below the {warmup} + {steps} steps to "

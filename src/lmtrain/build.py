@@ -21,6 +21,7 @@ from .checkpointing import AtomicCheckpointIO
 from .config import to_container, training_block_size
 from .data.datamodule import TextDataModule
 from .errors import UserError, one_line
+from .lightning_patches import skip_the_per_batch_sigterm_broadcast
 from .model import GPTConfig
 from .module import LanguageModel
 
@@ -192,9 +193,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.output_dir,
     )
-    # Lightning 2.6 broadcasts a SIGTERM flag from rank 0 after every batch under DDP, with a host sync
-    # (.item()). CheckpointOnExit agrees on a signal stop once per logging interval instead.
-    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+    skip_the_per_batch_sigterm_broadcast(trainer)
     return trainer
 
 

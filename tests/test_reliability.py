@@ -24,7 +24,7 @@ from lmtrain.fileio import atomic_write_bytes
 from lmtrain.tokenizer.bpe import BPETokenizer
 from lmtrain.train import train
 
-from .conftest import REPO, compose, scalars, smoke
+from .conftest import REPO, compose, process_state_kept, scalars, smoke
 
 ARGS = ["trainer.max_steps=240", "checkpoint.every_n_steps=20", "trainer.eval_interval=40"]
 
@@ -160,7 +160,8 @@ def run_in_process(tmp_path, *overrides):
         "trainer.log_every_n_steps=1",
         *overrides,
     )
-    return train(cfg)
+    with process_state_kept():
+        return train(cfg)
 
 
 @pytest.mark.parametrize("optimizer", ["optim.fused=false", "optim.fused=true"])  # host check; found_inf

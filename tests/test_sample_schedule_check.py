@@ -5,15 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmtrain import sample as sample_main
 from lmtrain.check import underflow_demo
+from lmtrain.errors import UserError
 
-from .conftest import run_cli, smoke
+from .conftest import compose, process_state_kept, run_cli, smoke_here
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sample") / "run"
-    smoke(run_dir)
+    smoke_here(run_dir)  # its files are all these tests need: trained here, no second import
     return run_dir / "checkpoints"
 
 
@@ -60,6 +62,10 @@ def test_bad_checkpoints_are_clear_errors(checkpoint, tmp_path, damage, words):
         ckpt = torch.load(checkpoint / "best.ckpt", weights_only=False)
         ckpt["hyper_parameters"]["tokenizer_state"] = {"kind": "gpt2"}
         torch.save(ckpt, path)
+    if damage != "missing":  # the same UserError in this process; the CLI's exit 2 is checked once, below
+        with process_state_kept(), pytest.raises(UserError, match=words):
+            sample_main.sample(compose(f"ckpt_path={path}", config_name="sample"))
+        return
     result = sample(f"ckpt_path={path}")
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 

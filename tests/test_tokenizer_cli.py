@@ -12,7 +12,7 @@ import pytest
 from lmtrain.tokenizer import from_state
 from lmtrain.tokenizer.bpe import BPETokenizer
 
-from .conftest import MIRROR, SHAKESPEARE, run_cli, scalars, smoke
+from .conftest import MIRROR, SHAKESPEARE, run_cli, scalars, smoke_here
 
 CAT = "the cat sat on the mat. the cat ate the rat."
 
@@ -137,7 +137,7 @@ def test_corrupt_tokenizer_file_is_one_line_error(trained, tmp_path):
 )
 def test_smoke_training_with_our_tokenizers_and_bpc(tmp_path, tokenizer):
     run_dir = tmp_path / "run"
-    smoke(run_dir, *tokenizer, "trainer.max_steps=20")
+    smoke_here(run_dir, *tokenizer, "trainer.max_steps=20")
     series = scalars(run_dir)
     assert "val/bpc" in series
     import torch
@@ -149,7 +149,7 @@ def test_smoke_training_with_our_tokenizers_and_bpc(tmp_path, tokenizer):
 
 def test_saved_tokenizer_file_is_used_for_training(trained, tmp_path):
     run_dir = tmp_path / "run"
-    smoke(run_dir, "tokenizer=bpe", f"tokenizer.path={trained / 'tok.json'}", "trainer.max_steps=10")
+    smoke_here(run_dir, "tokenizer=bpe", f"tokenizer.path={trained / 'tok.json'}", "trainer.max_steps=10")
     import torch
 
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]

@@ -16,7 +16,7 @@ from lmtrain.model import GPTConfig
 from lmtrain.module import LanguageModel
 from lmtrain.train import train
 
-from .conftest import compose, run_cli, scalars, smoke
+from .conftest import compose, process_state_kept, run_cli, scalars, smoke_here, train_here
 
 TAGS = {"train/loss", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/ppl", "val/bpc"}
 
@@ -24,7 +24,7 @@ TAGS = {"train/loss", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = smoke(run_dir)
+    result = smoke_here(run_dir)
     return run_dir, result
 
 
@@ -54,7 +54,7 @@ def test_smoke_run_writes_checkpoints_samples_summary_and_tensorboard(smoke_run)
 
 def test_evaluations_may_skip_the_training_split(smoke_run, tmp_path):
     run_dir = tmp_path / "run"
-    smoke(run_dir, "trainer.eval_train=false")
+    smoke_here(run_dir, "trainer.eval_train=false")
     series = scalars(run_dir)
     assert "train/eval_loss" not in series and "train/eval_bpc" not in series
     # the same evaluations of the validation split as with both splits: same windows, same weights
@@ -74,8 +74,8 @@ def test_checkpoint_keys_are_plain_and_last_points_at_the_newest(smoke_run):
 
 def test_resume_continues_the_step_count_and_schedule(tmp_path):
     run_dir = tmp_path / "run"
-    smoke(run_dir, "trainer.max_steps=40")
-    smoke(run_dir, "trainer.max_steps=60", f"ckpt_path={run_dir}/checkpoints/last.ckpt")
+    smoke_here(run_dir, "trainer.max_steps=40")
+    smoke_here(run_dir, "trainer.max_steps=60", f"ckpt_path={run_dir}/checkpoints/last.ckpt")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60
     steps = sorted(s for s, _ in scalars(run_dir)["train/loss"])
@@ -84,7 +84,7 @@ def test_resume_continues_the_step_count_and_schedule(tmp_path):
 
 def test_the_last_step_is_always_checkpointed(tmp_path):
     run_dir = tmp_path / "run"
-    smoke(run_dir, "trainer.max_steps=25", "checkpoint.every_n_steps=20", "trainer.eval_interval=100")
+    smoke_here(run_dir, "trainer.max_steps=25", "checkpoint.every_n_steps=20", "trainer.eval_interval=100")
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.resolve().name == "step-000025.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 25
@@ -93,7 +93,7 @@ def test_the_last_step_is_always_checkpointed(tmp_path):
 def test_a_periodic_checkpoint_on_an_evaluating_step_is_written_after_the_evaluation(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ("trainer.max_steps=40", "checkpoint.every_n_steps=10", "checkpoint.keep_last=10")
-    smoke(run_dir, *overrides, "trainer.eval_interval=20")
+    smoke_here(run_dir, *overrides, "trainer.eval_interval=20")
     for step, best_seen_at in ((10, 0), (20, 20), (30, 20)):
         state = torch.load(run_dir / "checkpoints" / f"step-{step:06d}.ckpt", weights_only=False)
         assert state["global_step"] == step
@@ -105,21 +105,25 @@ def _sha(path):
 
 
 @pytest.mark.parametrize(
-    "overrides,words",
+    "overrides,words,cli",  # cli: through `python -m lmtrain.train` (a UserError, a Hydra error), else in-process
     [
-        (["data=text", "data.path=__BIN__"], "utf"),
-        (["model.n_head=5"], "n_head"),
-        (["model.n_layerz=2"], "n_layerz"),
-        (["optim.warmup_steps=100000"], "warmup"),
+        (["data=text", "data.path=__BIN__"], "utf", True),
+        (["model.n_head=5"], "n_head", False),
+        (["model.n_layerz=2"], "n_layerz", True),
+        (["optim.warmup_steps=100000"], "warmup", False),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_touches_no_earlier_run(smoke_run, tmp_path, overrides, words):
+def test_bad_input_is_one_line_exit_2_and_touches_no_earlier_run(smoke_run, tmp_path, overrides, words, cli):
     run_dir, _ = smoke_run
     before = {p.name: _sha(p) for p in (run_dir / "checkpoints").iterdir()}
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad\xc3" * 100)
     args = [o.replace("__BIN__", str(binary)) for o in overrides]
-    result = run_cli("lmtrain.train", "experiment=smoke", f"hydra.run.dir={run_dir}", *args)
+    if cli:
+        result = run_cli("lmtrain.train", "experiment=smoke", f"hydra.run.dir={run_dir}", *args)
+    else:
+        result = train_here(run_dir, "experiment=smoke", *args)
+        assert isinstance(result.error, UserError), result.error  # not a Hydra error: ours, with our message
     assert result.returncode == 2, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and words in error_lines[0].lower()
@@ -129,14 +133,11 @@ def test_bad_input_is_one_line_exit_2_and_touches_no_earlier_run(smoke_run, tmp_
 
 def test_checkpoint_from_another_model_is_a_clear_error(smoke_run, tmp_path):
     run_dir, _ = smoke_run
-    result = run_cli(
-        "lmtrain.train",
-        "experiment=smoke",
-        f"hydra.run.dir={tmp_path / 'other'}",
-        "model.n_embd=96",
-        f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+    result = train_here(
+        tmp_path / "other", "experiment=smoke", "model.n_embd=96", f"ckpt_path={run_dir}/checkpoints/last.ckpt"
     )
     assert result.returncode == 2 and "does not match" in result.stderr, result.stderr[-2000:]
+    assert isinstance(result.error, UserError)
 
 
 @pytest.mark.parametrize("norm,resumes", [("layernorm", True), ("rms", False)])
@@ -165,17 +166,18 @@ def test_the_progress_bar_counts_optimizer_steps(tmp_path, monkeypatch):
         seen.extend((t.description, t.completed, t.total) for t in self.progress.tasks if t.id == self.train_task)
 
     monkeypatch.setattr(StepProgressBar, "on_train_end", recording)
-    train(
-        compose(
-            "experiment=smoke",
-            f"output_dir={tmp_path}",
-            "trainer.max_steps=6",
-            "optim.warmup_steps=2",
-            "trainer.accumulate_grad_batches=2",  # Lightning's own bar: 12/6, "Epoch 0/-2"
-            "trainer.eval_interval=6",
-            "trainer.eval_batches=1",
-            "callbacks.model_summary=null",
+    with process_state_kept():
+        train(
+            compose(
+                "experiment=smoke",
+                f"output_dir={tmp_path}",
+                "trainer.max_steps=6",
+                "optim.warmup_steps=2",
+                "trainer.accumulate_grad_batches=2",  # Lightning's own bar: 12/6, "Epoch 0/-2"
+                "trainer.eval_interval=6",
+                "trainer.eval_batches=1",
+                "callbacks.model_summary=null",
+            )
         )
-    )
     description, completed, total = seen[-1]
     assert (completed, total) == (6, 6) and description.strip() == "Training"

@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
-# On a GPU, the fastest measured options: the same recipe, ~1.2x nanoGPT's step on an H100 (docs/benchmarks.md).
-GPU_FAST := model.compile=true model.compile_mode=reduce-overhead model.fused_loss=true
+# On a GPU, the fastest measured options for the same recipe (docs/speed.md).
+GPU_FAST := fast=compiled fast.loss=fused
 # Offline machines: point the downloads at a local mirror (tests and CI use ../shared/data).
 export LMTRAIN_DATA_MIRROR ?= $(wildcard $(abspath ../shared/data))
 

@@ -8,7 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from lmtrain.cli import CONFIG_DIR
-from lmtrain.config import validate
+from lmtrain.config import MOVED_TO_FAST, validate
 from lmtrain.errors import UserError
 
 from .conftest import compose
@@ -69,8 +69,10 @@ def test_wrong_type_is_a_composition_error():
         ("data.block_size=512", "block_size"),
         ("trainer.batch_size=0", "batch_size"),
         ("model.dropout=1.5", "dropout"),
-        ("model.compile_scope=layers", "compile_scope='layers' must be model or blocks"),
-        ("model.norm=batchnorm", "norm='batchnorm' must be layernorm or rms"),
+        ("fast.compile_scope=layers", "fast.compile_scope='layers' must be one of model, blocks"),
+        ("model.norm=batchnorm", "model.norm='batchnorm' must be one of layernorm, rms"),
+        ("fast.loss=whole", "fast.loss='whole' must be one of plain, chunked, fused"),
+        ("fast.compile_mode=fast", "fast.compile_mode='fast' must be one of null, default, reduce-overhead"),
     ],
 )
 def test_impossible_values_are_named(override, words):
@@ -84,12 +86,10 @@ def test_all_problems_are_reported_at_once():
     assert "min_lr" in str(err.value) and "n_head" in str(err.value)
 
 
-def test_fused_loss_with_chunks_or_fp16_is_named():
-    with pytest.raises(UserError, match="two ways to compute the loss"):
-        validate(compose("model.fused_loss=true", "model.loss_chunk_rows=1024"))
-    with pytest.raises(UserError, match="underflow.*precision=bf16 or model.fused_loss=false"):
-        validate(compose("model.fused_loss=true", "precision=fp16"))
-    validate(compose("model.fused_loss=true"))  # bf16, the whole head: fine
+def test_fused_loss_under_fp16_is_named():
+    with pytest.raises(UserError, match="underflow.*precision=bf16 or fast.loss=plain"):
+        validate(compose("fast.loss=fused", "precision=fp16"))
+    validate(compose("fast.loss=fused"))  # bf16, the whole head: fine
 
 
 def test_fused_adamw_under_fp16_is_named():
@@ -100,28 +100,33 @@ def test_fused_adamw_under_fp16_is_named():
 
 
 def test_cuda_graphs_with_compile_copies_or_several_processes_are_named():
-    for other in ("model.compile=true", "model.cast_weights_once=true"):
-        with pytest.raises(UserError, match="model.cuda_graphs captures the uncompiled model"):
-            validate(compose("model.cuda_graphs=true", other))
+    for other in ("fast.compile=true", "fast.cast_weights_once=true"):
+        with pytest.raises(UserError, match="fast.cuda_graphs captures the uncompiled model"):
+            validate(compose("fast.cuda_graphs=true", other))
     for strategy in ("fsdp", "ddp"):
-        with pytest.raises(UserError, match="model.cuda_graphs trains one process.*model.cuda_graphs=false"):
-            validate(compose(f"trainer={strategy}", "model.cuda_graphs=true"))
-    validate(compose("model.cuda_graphs=true"))
+        with pytest.raises(UserError, match="fast.cuda_graphs trains one process.*fast.cuda_graphs=false"):
+            validate(compose(f"trainer={strategy}", "fast.cuda_graphs=true"))
+    validate(compose("fast.cuda_graphs=true"))
 
 
 def test_compiled_blocks_under_fsdp_are_named():
     with pytest.raises(UserError, match="before FSDP wraps them"):
-        validate(compose("trainer=fsdp", "model.compile=true", "model.compile_scope=blocks"))
-    validate(compose("trainer=fsdp", "model.compile=true"))
+        validate(compose("trainer=fsdp", "fast.compile=true", "fast.compile_scope=blocks"))
+    validate(compose("trainer=fsdp", "fast.compile=true"))
 
 
 def test_weight_copies_without_autocast_or_with_several_processes_are_named():
-    with pytest.raises(UserError, match="precision=32-true does not use.*model.cast_weights_once=false"):
-        validate(compose("model.cast_weights_once=true", "precision=fp32"))
+    with pytest.raises(UserError, match="precision=32-true does not use.*fast.cast_weights_once=false"):
+        validate(compose("fast.cast_weights_once=true", "precision=fp32"))
     for strategy in ("fsdp", "ddp"):
-        with pytest.raises(UserError, match="trains one process.*model.cast_weights_once=false"):
-            validate(compose(f"trainer={strategy}", "model.cast_weights_once=true"))
-    validate(compose("model.cast_weights_once=true", "precision=fp16"))
+        with pytest.raises(UserError, match="trains one process.*fast.cast_weights_once=false"):
+            validate(compose(f"trainer={strategy}", "fast.cast_weights_once=true"))
+    validate(compose("fast.cast_weights_once=true", "precision=fp16"))
+
+
+def test_the_speed_switches_are_not_architecture():
+    model_keys = set(compose().model)
+    assert not model_keys & set(MOVED_TO_FAST) and set(compose().fast) >= {"compile", "loss", "cuda_graphs"}
 
 
 def test_a_zero_width_is_named_not_a_crash():  # found by the override fuzz test

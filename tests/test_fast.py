@@ -1,29 +1,32 @@
-"""The speed options (issue 6) on the CPU: each trains, the chunked loss is exact, FLOPs and the bench JSON."""
+"""The speed wing (lmtrain.fast) on the CPU: each piece equals the plain path it replaces, and each trains."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import subprocess
+import sys
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtrain import build
-from lmtrain.bench import main as bench_main
-from lmtrain.bench_train import flops_per_token, peak_flops
-from lmtrain.build import check_device_options
+from lmtrain import config, fast
+from lmtrain.config import check_machine, validate
 from lmtrain.errors import UserError
-from lmtrain.losses import chunked_linear_cross_entropy, fused_linear_cross_entropy
+from lmtrain.fast.attention import FusedQKNormRopeAttention, fused_qk_norm_rope, use_fused_qk_norm_rope
+from lmtrain.fast.compile import compile_blocks
+from lmtrain.fast.cuda_graphs import GraphedDecoder, use_decode_graphs
+from lmtrain.fast.head_loss import chunked_linear_cross_entropy, fused_linear_cross_entropy, head_loss
+from lmtrain.fast.mlp import ReLUSquaredMLP, use_fused_mlp
+from lmtrain.fast.residual import use_low_precision_residual
+from lmtrain.fast.training import FastTraining
+from lmtrain.fast.weight_copies import WeightCopies
 from lmtrain.model import GPT, GPTConfig, rotary_tables
-from lmtrain.module import LanguageModel
-from lmtrain.optim import Combined, OptimConfig, StackedMuon, build_optimizer, step_unless_found_inf
 from lmtrain.train import train
-from lmtrain.weight_copies import WeightCopies
 
-from .conftest import SHAKESPEARE, compose
+from .conftest import SHAKESPEARE, compose, run_cli
 
 
 @pytest.mark.parametrize(
@@ -35,15 +38,18 @@ from .conftest import SHAKESPEARE, compose
         "model.mlp=gelu_tanh",
         "model.norm=rms",
         "model.zero_init_proj=true",
-        "model.low_precision_residual=true",
+        "fast.low_precision_residual=true",
+        "fast.fused_mlp=true model.mlp=relu2",
+        "fast.fused_qk_norm_rope=true model.rope=true model.qk_norm=true",
+        "fast.decode_graphs=true",
         "optim=muon",
         "optim.fused=true",
         "optim.fused=false",
-        "model.loss_chunk_rows=96",
+        "fast.loss=chunked fast.loss_chunk_rows=96",
         "trainer.matmul_precision=high",
         "trainer.eval_batches=null",
-        "model.compile=true",
-        "model.compile=true model.compile_scope=blocks",
+        "fast.compile=true",
+        "fast.compile=true fast.compile_scope=blocks",
     ],
 )
 def test_each_option_composes_and_trains_the_smoke_experiment(tmp_path, option):
@@ -83,13 +89,14 @@ def test_chunked_head_loss_equals_cross_entropy_in_values_and_gradients():
     assert weight.grad[vocab:].abs().sum() == 0  # the padding rows are never predicted
 
 
-def test_model_loss_with_chunks_equals_the_full_loss():
+def test_the_chunked_head_loss_of_a_model_equals_its_plain_loss():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
     idx = torch.randint(65, (3, 17))
     full = model.loss(idx[:, :-1], idx[:, 1:])
-    chunked = model.loss(idx[:, :-1], idx[:, 1:], chunk_rows=20)
+    chunked = head_loss(model, "chunked", 20)(idx[:, :-1], idx[:, 1:])
     assert torch.allclose(full, chunked, atol=1e-6)
+    assert head_loss(model, "plain", 20) == model.loss
 
 
 def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
@@ -99,7 +106,7 @@ def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
     config = GPTConfig(vocab_size=65, block_size=16, n_layer=3, n_head=2, n_embd=32, dropout=0.0, rope=True)
     eager, compiled = GPT(config), GPT(config)
     compiled.load_state_dict(eager.state_dict())
-    compiled.compile_blocks()
+    compile_blocks(compiled, None)
     idx = torch.randint(65, (3, 17))
     for model in (eager, compiled):
         model.loss(idx[:, :-1], idx[:, 1:]).backward()
@@ -109,7 +116,7 @@ def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints are alike
     compiled.eval()  # evaluation and generation run the eager blocks: nothing more is compiled
     compiled.loss(idx[:, :-1], idx[:, 1:])
-    compiled.generate(idx[:, :4], 3, cuda_graph=False)
+    compiled.generate(idx[:, :4], 3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
@@ -125,9 +132,9 @@ def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
 def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, block, spike, monkeypatch):
     pytest.importorskip("triton")  # in the dev extra; without a GPU the kernel runs in Triton's interpreter
     if block:
-        from lmtrain import kernels
+        from lmtrain.fast import triton_kernels
 
-        monkeypatch.setattr(kernels, "BLOCK", block)
+        monkeypatch.setattr(triton_kernels, "BLOCK", block)
     torch.manual_seed(0)
     vocab, padded = 100, 128
     hidden = torch.randn(70, 16, dtype=dtype)
@@ -155,8 +162,6 @@ def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, blo
 @pytest.mark.parametrize("qk_norm, rope", [(True, True), (True, False), (False, True)])
 def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
     pytest.importorskip("triton")  # the kernel in Triton's interpreter here; the GPU path is chosen by device
-    from lmtrain.model import fused_qk_norm_rope
-
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, n_head=3, n_embd=48, rope=rope, qk_norm=qk_norm)
     attention = GPT(config).blocks[0].attn
@@ -166,7 +171,7 @@ def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
         rotary = (cos[5:15], sin[5:15])  # positions 5.. as when a cache holds 5 tokens
     qkv = (3 * torch.randn(2, 10, 3, 3, 16)).requires_grad_()
     weights = torch.randn(3, 2, 10, 3, 16)  # a loss that weighs every output differently
-    expected = attention.normalize_and_rotate(qkv, rotary)
+    expected = attention.queries_keys_values(qkv, rotary)
     sum((w * t).sum() for w, t in zip(weights, expected)).backward()
     expected_grad, qkv.grad = qkv.grad, None
     fused = fused_qk_norm_rope(qkv, rotary, qk_norm)
@@ -175,6 +180,17 @@ def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
     assert torch.allclose(fused, torch.stack(expected), atol=1e-5)
     assert torch.allclose(qkv.grad, expected_grad, atol=1e-5)
     assert torch.equal(fused[2], qkv[:, :, 2])  # v passes through
+
+
+def test_the_fused_qk_norm_rope_attention_is_swapped_in_for_power_of_two_heads_only():
+    model = GPT(GPTConfig(block_size=16, n_head=2, n_embd=32, rope=True, qk_norm=True))
+    keys = model.state_dict().keys()
+    use_fused_qk_norm_rope(model)
+    assert all(type(block.attn) is FusedQKNormRopeAttention for block in model.blocks)
+    assert model.state_dict().keys() == keys
+    odd = GPT(GPTConfig(block_size=16, n_head=2, n_embd=48, rope=True))  # head size 24
+    use_fused_qk_norm_rope(odd)
+    assert all(type(block.attn) is not FusedQKNormRopeAttention for block in odd.blocks)
 
 
 def _mlp_operands(dtype, device="cpu", tokens=(2, 40), width=64):
@@ -197,7 +213,7 @@ def _linear_gelu_linear(x, w_fc, w_proj):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gelu_mlp_equals_linear_gelu_linear_in_values_and_gradients(compiled):
-    from lmtrain.cublaslt import gelu_mlp
+    from lmtrain.fast.cublaslt import gelu_mlp
 
     operands, grad = _mlp_operands(torch.float64)
     mlp = torch.compile(gelu_mlp, fullgraph=True) if compiled else gelu_mlp  # the custom ops trace as one graph
@@ -210,7 +226,7 @@ def test_gelu_mlp_equals_linear_gelu_linear_in_values_and_gradients(compiled):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's epilogues run on a GPU (the device tool)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cublaslt_gelu_epilogues_are_as_close_to_float32_as_pytorchs_own_ops(dtype):
-    from lmtrain.cublaslt import gelu_mlp, supported
+    from lmtrain.fast.cublaslt import gelu_mlp, supported
 
     operands, grad = _mlp_operands(dtype, "cuda", tokens=(4, 256), width=256)
     assert supported(*operands)
@@ -227,7 +243,80 @@ def test_cublaslt_gelu_epilogues_are_as_close_to_float32_as_pytorchs_own_ops(dty
     assert misaligned.data_ptr() % 256 and torch.equal(gelu_mlp(misaligned, *operands[1:]), cublaslt[0])
 
 
-def test_model_loss_fused_equals_the_full_loss():
+def test_relu_squared_as_one_function_equals_the_plain_mlp_in_values_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, mlp="relu2"))
+    fused = copy.deepcopy(model)
+    use_fused_mlp(fused)
+    assert all(type(block.mlp) is ReLUSquaredMLP for block in fused.blocks)
+    idx = torch.randint(65, (3, 17))
+    losses = [m.loss(idx[:, :-1], idx[:, 1:]) for m in (model, fused)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_the_gelu_epilogue_mlp_is_swapped_in_for_tanh_gelu_without_bias_only():
+    from lmtrain.fast.mlp import GeluEpilogueMLP
+
+    for mlp, bias, swapped in (("gelu_tanh", False, True), ("gelu_tanh", True, False), ("gelu", False, False)):
+        model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, mlp=mlp, bias=bias))
+        use_fused_mlp(model)
+        assert (type(model.blocks[0].mlp) is GeluEpilogueMLP) == swapped, (mlp, bias)
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, mlp="gelu_tanh", dropout=0.0))
+    idx = torch.randint(65, (3, 17))
+    plain = model.loss(idx[:, :-1], idx[:, 1:])
+    use_fused_mlp(model)  # on the CPU it runs the plain MLP: the same value
+    assert torch.equal(model.loss(idx[:, :-1], idx[:, 1:]), plain)
+
+
+def test_relu_squared_gradient():
+    from lmtrain.fast.mlp import _ReLUSquared
+
+    x = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(_ReLUSquared.apply(x), torch.relu(x) ** 2)
+    assert torch.autograd.gradcheck(_ReLUSquared.apply, (x,))
+
+
+def tiny(**changes) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{"vocab_size": 65, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, **changes}))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rms"])
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_residual_stream_dtype_under_autocast(low_precision, norm):
+    model = tiny(norm=norm, dropout=0.0)
+    if low_precision:
+        use_low_precision_residual(model)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
+    idx = torch.randint(65, (4, 33), generator=torch.Generator().manual_seed(1))
+    reference = model.loss(idx[:, :-1], idx[:, 1:])  # no autocast: float32 whatever the option
+    assert seen == [(torch.float32, torch.float32)] * 2
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
+    stream = torch.bfloat16 if low_precision else torch.float32
+    assert seen == [(stream, stream)] * 2
+    assert loss.item() == pytest.approx(reference.item(), rel=0.01)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"temperature": 0.8, "top_k": 5}, {"top_p": 0.9}])
+def test_static_shape_decoding_draws_what_the_eager_loop_draws(options):
+    model = tiny(rope=True, dropout=0.0)
+    prompt = torch.randint(65, (2, 5), generator=torch.Generator().manual_seed(2))
+    eager = model.generate(prompt, 27, generator=torch.Generator().manual_seed(4), **options)
+    static = GraphedDecoder(model, prompt, 27, generator=torch.Generator().manual_seed(4), **options).run()
+    assert static.shape == (2, 32) and torch.equal(eager, static)
+    use_decode_graphs(model)  # on the CPU: the eager loop, the same draws
+    assert torch.equal(model.generate(prompt, 27, generator=torch.Generator().manual_seed(4), **options), eager)
+
+
+def test_the_fused_head_loss_of_a_model_equals_its_plain_loss():
     pytest.importorskip("triton")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
@@ -236,7 +325,7 @@ def test_model_loss_fused_equals_the_full_loss():
     full.backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    fused = model.loss(idx[:, :-1], idx[:, 1:], fused=True)
+    fused = head_loss(model, "fused", 0)(idx[:, :-1], idx[:, 1:])
     fused.backward()
     assert torch.allclose(full, fused, atol=1e-6)
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))
@@ -261,22 +350,8 @@ def ten_step_best_val(output_dir, *overrides, eval_interval: int = 10) -> float:
 
 def test_training_with_the_fused_loss_follows_the_plain_loss(tmp_path):
     pytest.importorskip("triton")
-    losses = {fused: ten_step_best_val(tmp_path / fused, f"model.fused_loss={fused}") for fused in ("false", "true")}
-    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
-
-
-def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(tmp_path):
-    def best_val(name, *overrides):
-        return ten_step_best_val(tmp_path / name, *overrides)
-
-    # a clip value every step exceeds: fused AdamW divides the gradients inside its step (grad_scale),
-    # foreach AdamW gets them from clip_grad_norm_
-    clipped = {
-        fused: best_val(fused, f"optim.fused={fused}", "trainer.gradient_clip_val=0.01") for fused in ("true", "false")
-    }
-    unclipped = best_val("unclipped", "optim.fused=true", "trainer.gradient_clip_val=null")
-    assert clipped["true"] == pytest.approx(clipped["false"], abs=2e-5)  # 2.4e-7 apart here
-    assert abs(unclipped - clipped["true"]) > 5e-4  # Adam barely feels a rescaled gradient; 1.7e-3 apart
+    losses = {loss: ten_step_best_val(tmp_path / loss, f"fast.loss={loss}") for loss in ("plain", "fused")}
+    assert losses["fused"] == pytest.approx(losses["plain"], abs=1e-4)
 
 
 def test_gradient_buffers_accumulated_in_place_outlive_the_evaluations(tmp_path, monkeypatch):
@@ -284,16 +359,18 @@ def test_gradient_buffers_accumulated_in_place_outlive_the_evaluations(tmp_path,
     # to in place; were they freed before an evaluation, as Lightning does, the next micro-batch's gradient
     # would be the graph's output buffer, and the one after it would overwrite it.
     started = []
-    on_train_start = LanguageModel.on_train_start
+    start = FastTraining.start
 
-    def on_train_start_under_cuda_graphs(self):
-        self._cudagraphs = True  # what model.compile_mode=reduce-overhead sets on a GPU
-        on_train_start(self)
-        started.append((self, [p.grad for p in self.parameters()]))
+    def start_under_cuda_graphs(self, module, accumulate, optimizer):
+        self.graph_trees = True  # what fast.compile_mode=reduce-overhead sets on a GPU
+        start(self, module, accumulate, optimizer)
+        started.append((module, [p.grad for p in module.parameters()]))
 
-    monkeypatch.setattr(LanguageModel, "on_train_start", on_train_start_under_cuda_graphs)
+    monkeypatch.setattr(FastTraining, "start", start_under_cuda_graphs)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
     ten_step_best_val(tmp_path, "trainer.accumulate_grad_batches=2", eval_interval=5)
     module, buffers = started[0]
+    assert module.keep_gradient_buffers
     assert all(p.grad is buffer for p, buffer in zip(module.parameters(), buffers, strict=True))
 
 
@@ -329,7 +406,7 @@ def test_weight_copies_leave_the_tied_head_out_and_give_autocasts_gradients():
 
 def test_float32_accumulation_kernel_casts_and_adds_exactly():
     pytest.importorskip("triton")
-    from lmtrain.kernels import accumulate_float32_
+    from lmtrain.fast.triton_kernels import accumulate_float32_
 
     grad = torch.randn(3, 5000).bfloat16()  # not a multiple of the kernel's block
     total = torch.randn(3, 5000)
@@ -341,13 +418,13 @@ def test_float32_accumulation_kernel_casts_and_adds_exactly():
 
 
 def test_training_with_weight_copies_is_bit_identical_to_autocast(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "check_device_options", lambda cfg: None)  # bf16 autocast on the CPU, for the test
+    monkeypatch.setattr(config, "device_problems", lambda cfg: [])  # bf16 autocast on the CPU, for the test
     refreshes = []
     refresh = WeightCopies.refresh
     monkeypatch.setattr(WeightCopies, "refresh", lambda self: refreshes.append(1) or refresh(self))
     options = ("precision=bf16", "trainer.accumulate_grad_batches=2")
     autocast = ten_step_best_val(tmp_path / "autocast", *options)
-    copied = ten_step_best_val(tmp_path / "copies", *options, "model.cast_weights_once=true")
+    copied = ten_step_best_val(tmp_path / "copies", *options, "fast.cast_weights_once=true")
     assert len(refreshes) == 10  # once per optimizer step: the copies were used
     assert copied == autocast
 
@@ -355,7 +432,7 @@ def test_training_with_weight_copies_is_bit_identical_to_autocast(tmp_path, monk
 def test_cuda_graphs_are_captured_once_without_autocast_caching_or_the_runs_random_numbers(tmp_path, monkeypatch):
     """On the CPU the capture is faked: it notes autocast's weight cache and, as its warm-up passes do, runs the
     loss and draws random numbers. Training must then equal a run without the option, dropout masks and all."""
-    monkeypatch.setattr(build, "check_device_options", lambda cfg: None)
+    monkeypatch.setattr(config, "device_problems", lambda cfg: [])
     cache_enabled = []
 
     def capture(module, sample_args, allow_unused_input):
@@ -368,117 +445,70 @@ def test_cuda_graphs_are_captured_once_without_autocast_caching_or_the_runs_rand
     step_marks = []  # Inductor's graph-tree marks: only compiled graphs need them (and the import they cost)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
     plain = ten_step_best_val(tmp_path / "plain", eval_interval=5)
-    graphed = ten_step_best_val(tmp_path / "graphed", "model.cuda_graphs=true", eval_interval=5)
+    graphed = ten_step_best_val(tmp_path / "graphed", "fast.cuda_graphs=true", eval_interval=5)
     assert cache_enabled == [False]
     assert step_marks == []
     assert graphed == plain
 
 
 @pytest.mark.parametrize("option", ["cast_weights_once", "cuda_graphs"])
-def test_single_process_options_refuse_to_train_several_processes(tmp_path, monkeypatch, option):
-    monkeypatch.setattr(build, "check_device_options", lambda cfg: None)
-    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))  # as under strategy=auto on 2 GPUs
-    with pytest.raises(UserError, match=f"model.{option} trains one process, not 2.*model.{option}=false"):
-        ten_step_best_val(tmp_path, "precision=bf16", f"model.{option}=true")
+def test_single_process_options_refuse_to_train_several_processes(option):
+    two = compose("experiment=smoke", "precision=bf16", f"fast.{option}=true", "trainer.devices=2")
+    with pytest.raises(UserError, match=f"fast.{option} trains one process.*fast.{option}=false"):
+        validate(two)
 
 
 def test_gpu_only_options_without_a_gpu_are_clear_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="model.fused_loss=true runs a Triton kernel.*model.fused_loss=false"):
-        check_device_options(compose("experiment=smoke", "model.fused_loss=true"))
-    with pytest.raises(UserError, match="model.cuda_graphs=true replays CUDA graphs.*model.cuda_graphs=false"):
-        check_device_options(compose("experiment=smoke", "model.cuda_graphs=true"))
-    check_device_options(compose("experiment=smoke"))  # the default needs neither
+    with pytest.raises(UserError, match="fast.loss=fused runs a Triton kernel.*fast.loss=plain"):
+        check_machine(compose("experiment=smoke", "fast.loss=fused"))
+    with pytest.raises(UserError, match="fast.cuda_graphs=true replays CUDA graphs.*fast.cuda_graphs=false"):
+        check_machine(compose("experiment=smoke", "fast.cuda_graphs=true"))
+    check_machine(compose("experiment=smoke"))  # the default needs neither
 
 
-def test_flops_per_token_of_a_small_config_counted_by_hand():
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False))
-    # wte 64*32; per block: two LayerNorm gains 2*32, qkv 32*96, proj 32*32, fc 32*128, proj 128*32; ln_f 32.
-    # The position table is left out, the tied head counted once.
-    params = 64 * 32 + 2 * (2 * 32 + 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32
-    attention = 12 * 2 * 2 * 16 * 16  # 12 * layers * heads * head size * block
-    assert flops_per_token(model) == 6 * params + attention
+@pytest.mark.parametrize(
+    "old,new", [("model.compile=true", "fast.compile"), ("model.fused_loss=true", "fast.loss=fused")]
+)
+def test_an_old_speed_key_names_its_new_place(old, new):
+    result = run_cli("lmtrain.train", "--cfg", "job", "experiment=smoke", old)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{old.split('=')[0]} moved to the fast group: use {new}" in result.stderr
 
 
-def test_peak_flops_is_looked_up_by_the_device_name(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    h100 = peak_flops(torch.device("cuda"), "bf16-mixed")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    a100 = peak_flops(torch.device("cuda"), "bf16-mixed")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    h200 = peak_flops(torch.device("cuda"), "bf16-mixed")  # dense, as the H100 SXM; not in Lightning's table
-    assert h100 == pytest.approx(989.4e12, rel=0.01) and a100 == pytest.approx(312e12, rel=0.01)
-    assert h200 == h100
-    assert peak_flops(torch.device("cpu"), "32-true") is None
+def test_the_model_file_imports_no_speed_code():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, lmtrain.model; print(sorted(m for m in sys.modules if 'fast' in m or m in "
+            "('triton', 'ctypes')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("path", [[], ["--raw"]])
-def test_bench_train_writes_every_field(tmp_path, path):
-    out = tmp_path / "bench.json"
-    bench_main(["train", *path, "--steps", "3", "--warmup", "1", "--out", str(out), "experiment=smoke"])
-    result = json.loads(out.read_text())
-    assert result["path"] == ("raw loop" if path else "Lightning Trainer")
-    assert result["device"] == "cpu" and result["steps"] == 3 and result["warmup_steps"] == 1
-    assert result["tokens_per_step"] == 8 * 32  # smoke: 8 sequences of 32 tokens
-    assert result["ms_per_step"] > 0 and result["startup_compile_warmup_s"] > 0
-    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["ms_per_step"] * 1e3)
-    assert result["flops_per_token"] > 0
-    assert result["peak_flops"] is None and result["mfu"] is None and result["peak_memory_gib"] is None
+@pytest.mark.parametrize("preset", ["none", "compiled", "graphs", "max"])
+def test_every_fast_preset_composes_and_leaves_the_model_group_alone(preset):
+    cfg = compose("experiment=seed", f"fast={preset}")
+    assert cfg.model == compose("experiment=seed").model
+    module = _module(cfg)
+    (training,) = fast.apply(module, cfg.fast, cfg.trainer.precision)
+    assert isinstance(training, FastTraining)
+    assert (module.train_loss == module.model.loss) == (cfg.fast.loss == "plain")
 
 
-def test_stacked_muon_takes_torch_muons_steps_and_state():
-    torch.manual_seed(0)
-    shapes = [(48, 16), (48, 16), (16, 16), (16, 64), (16, 64), (16, 64)]  # tall, square and wide stacks
-    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    options = {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1}
-    stacked, reference = StackedMuon(ours, **options), torch.optim.Muon(theirs, **options)
-    for _ in range(3):
-        for p, q in zip(ours, theirs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        stacked.step()
-        reference.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=0, atol=2e-4)  # bf16 Newton-Schulz, batched vs one at a time
-        torch.testing.assert_close(stacked.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"])
-    reference.load_state_dict(stacked.state_dict())  # the same state: checkpoints load either way
-    assert torch.equal(reference.state[theirs[3]]["momentum_buffer"], stacked.state[ours[3]]["momentum_buffer"])
+def _module(cfg):
+    from lmtrain.module import LanguageModel
 
-
-def test_muon_skips_a_non_finite_step_on_the_device_exactly():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
-    optimizer = build_optimizer(model, OptimConfig(name="muon"), fused=False)
-    assert isinstance(optimizer, Combined)
-    idx = torch.randint(65, (2, 17))
-
-    def step(poison: bool) -> None:
-        optimizer.zero_grad()
-        model.loss(idx[:, :-1], idx[:, 1:]).backward()
-        if poison:
-            model.blocks[0].mlp.fc.weight.grad[0, 0] = float("nan")
-        optimizer.found_inf = torch.tensor(float(poison))
-        optimizer.step()
-
-    step(False)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    state_before = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
-    step(True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    for old, new in zip(state_before, optimizer.state.values(), strict=True):
-        assert all(torch.equal(old[k], new[k]) for k in old)
-    step(False)
-    assert not torch.equal(before["blocks.0.mlp.fc.weight"], model.blocks[0].mlp.fc.weight)
-
-
-def test_an_undone_step_leaves_a_plain_optimizer_as_it_was():
-    p = torch.nn.Parameter(torch.ones(4))
-    optimizer = torch.optim.SGD([p], lr=0.1, momentum=0.9)
-    p.grad = torch.ones(4)
-    step_unless_found_inf(optimizer, torch.tensor(0.0))
-    taken = p.detach().clone(), optimizer.state[p]["momentum_buffer"].clone()
-    p.grad = torch.tensor([1.0, float("inf"), float("nan"), 1.0])
-    step_unless_found_inf(optimizer, torch.tensor(1.0))
-    assert torch.equal(p.detach(), taken[0]) and torch.equal(optimizer.state[p]["momentum_buffer"], taken[1])
+    return LanguageModel(
+        model={**config.to_container(cfg.model), "vocab_size": 65},
+        optim=config.to_container(cfg.optim),
+        max_steps=10,
+        tokenizer_state={"kind": "char", "chars": "ab"},
+        chars_per_token={"val": 1.0, "train": 1.0},
+    )

@@ -11,7 +11,6 @@ end of the timed window.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -20,11 +19,11 @@ import torch
 
 from . import build
 from .cli import compose
-from .config import training_block_size, validate
+from .config import check_machine, training_block_size, validate
 from .errors import UserError
-from .module import grads_in_place
+from .optim import clip_gradients_
+from .precision import PRECISIONS, autocast_dtype, compute_dtype
 
-FLOAT_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}
 # Lightning's table misses "NVIDIA H200" by name (its H200 rows are the datasheet's with-sparsity figures); the
 # H200 has the H100 SXM's tensor cores and clocks, so its dense peak is the H100 SXM's.
 H200_DENSE_FLOPS = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12}
@@ -53,7 +52,7 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
     if device.type != "cuda":
         return None
-    dtype = FLOAT_DTYPES.get(precision, torch.float32)
+    dtype = compute_dtype(precision)
     if "h200" in torch.cuda.get_device_name(device).lower():
         return H200_DENSE_FLOPS.get(dtype)
     return get_available_flops(device, dtype)
@@ -86,6 +85,7 @@ def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.
     module = build.build_module(cfg, datamodule)
     periodic = ("best_checkpoint", "resume_checkpoints", "sample_text", "summary")
     callbacks = [c for name, c in zip(cfg.callbacks, build.build_callbacks(cfg)) if name not in periodic]
+    callbacks += build.apply_fast(cfg, module)
     trainer = build.build_trainer(cfg, callbacks, build.build_logger(cfg))
     timer = _StepTimer(warmup, steps, torch.device("cpu"))
 
@@ -105,57 +105,50 @@ def run_lightning(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.
 
 
 def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module, torch.device]:
-    """The same model, windows, loss, clipping, optimizer and schedule, in the plainest loop."""
+    """The same model, windows, fast pieces and step (the module's own loss, clipping and non-finite rule, the
+    optimizer and schedule), in the plainest loop: what differs from run_lightning is the harness alone."""
     from .data.windows import RandomWindows
 
     start = time.perf_counter()
-    build.check_device_options(cfg)
     torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     datamodule = build.build_datamodule(cfg)
     datamodule.prepare_data()
     module = build.build_module(cfg, datamodule)
-    model = module.model.to(device)
+    (fast,) = build.apply_fast(cfg, module)
+    module.to(device).train()
     ids = torch.from_numpy(datamodule.corpus.train_ids.astype("int32")).to(device)
     accumulate = build.accumulation(cfg)
     windows = RandomWindows(ids, training_block_size(cfg), cfg.trainer.batch_size, cfg.seed, 0, lambda: 0)
     precision = cfg.trainer.precision
     optimizer, scheduler = module.optimizer_and_schedule(device.type, precision)
-    dtype = FLOAT_DTYPES.get(precision)
+    dtype = autocast_dtype(precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    clip = cfg.trainer.gradient_clip_val or math.inf
+    scaler = torch.amp.GradScaler(device.type, enabled=PRECISIONS[precision].loss_scaling)
     timer = _StepTimer(warmup, steps, device)
     timer.start_time = start
-    model.train()
-    in_place = grads_in_place(module, accumulate)  # as LanguageModel does under CUDA graphs
-    if cfg.model.cuda_graphs:
-        module.capture_training_loss(*windows.batch(0), dtype)
-    copies = None
-    if cfg.model.cast_weights_once:
-        module.use_weight_copies(dtype)
-        copies = module.weight_copies
+    module.on_train_start()
+    fast.start(module, accumulate, optimizer)
     batch = 0
     for step in range(1, warmup + steps + 1):
-        for _ in range(accumulate):
+        for micro in range(accumulate):
             x, y = windows.batch(batch)
             batch += 1
-            if module._graph_trees:
-                torch.compiler.cudagraph_mark_step_begin()
+            fast.before_micro_batch(module, x, y)
             with autocast:
-                loss = module.train_loss(x, y)
+                loss = module.training_step((x, y), batch)
+            if micro == 0:
+                fast.before_zero_grad()
+                module.optimizer_zero_grad(0, batch, optimizer)
             scaler.scale(loss / accumulate).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+        norm = clip_gradients_(module.model, optimizer, cfg.trainer.gradient_clip_val)
+        module.hold_back_nonfinite_update(optimizer, norm, PRECISIONS[precision])
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        if copies is not None:
-            copies.refresh()
-            copies.release_grads()
-        optimizer.zero_grad(set_to_none=not in_place)
         timer.after_step(step)
-    return *timer.result(), model, device
+    return *timer.result(), module.model, device
 
 
 def bench_train(argv: list[str]) -> tuple[argparse.Namespace, dict]:
@@ -173,6 +166,7 @@ def bench_train(argv: list[str]) -> tuple[argparse.Namespace, dict]:
                 "run; lower --warmup/--steps or raise trainer.max_steps"
             )
         validate(cfg)
+        check_machine(cfg)
         torch.cuda.reset_peak_memory_stats() if on_gpu else None
         seconds, before, model, device = (run_raw if args.raw else run_lightning)(cfg, warmup, steps)
     tokens = build.tokens_per_step(cfg)

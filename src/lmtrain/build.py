@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
-import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -17,12 +14,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import fast
 from .checkpointing import AtomicCheckpointIO
-from .config import to_container, training_block_size
+from .config import to_container, training_block_size, world_size
 from .data.datamodule import TextDataModule
 from .errors import UserError, one_line
 from .lightning_patches import skip_the_per_batch_sigterm_broadcast
-from .model import GPTConfig
 from .module import LanguageModel
 
 # Batches are sliced on the device by the dataset itself: loader workers would only add copies.
@@ -38,22 +35,6 @@ def user_facing_instantiation(what: str):
         yield
     except InstantiationException as err:
         raise UserError(f"could not build {what}: {one_line(err.__cause__ or err)}") from err
-
-
-def world_size(cfg: DictConfig) -> int:
-    """Processes that will train: devices per node x nodes (auto: every GPU, or one CPU process)."""
-    devices, accelerator = cfg.trainer.devices, cfg.trainer.accelerator
-    if isinstance(devices, int):
-        count = devices
-    elif isinstance(devices, str) and devices.lstrip("-").isdigit():
-        count = int(devices)
-    elif not isinstance(devices, str):
-        count = len(devices)
-    else:
-        count = 1
-    if count == -1 or devices == "auto":
-        count = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
-    return max(count, 1) * cfg.trainer.num_nodes
 
 
 def accumulation(cfg: DictConfig) -> int:
@@ -93,9 +74,8 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
 
 
 def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
-    """The GPTConfig fields: the model group without its training switches, the vocabulary from the tokenizer."""
-    architecture = {f.name for f in fields(GPTConfig)}
-    arguments = {key: value for key, value in to_container(cfg.model).items() if key in architecture}
+    """The model group, its vocabulary from the tokenizer unless set."""
+    arguments = to_container(cfg.model)
     if arguments["vocab_size"] is not None and arguments["vocab_size"] < vocab_size:
         raise UserError(
             f"model.vocab_size={arguments['vocab_size']} is below the tokenizer's {vocab_size} ids; "
@@ -113,16 +93,14 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
         max_steps=cfg.trainer.max_steps,
         tokenizer_state=corpus.tokenizer.state(),
         chars_per_token={split: corpus.chars_per_token(split) for split in ("val", "train")},
-        compile=cfg.model.compile,
-        compile_mode=cfg.model.compile_mode,
-        compile_scope=cfg.model.compile_scope,
-        loss_chunk_rows=cfg.model.loss_chunk_rows,
-        fused_loss=cfg.model.fused_loss,
-        cast_weights_once=cfg.model.cast_weights_once,
-        cuda_graphs=cfg.model.cuda_graphs,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         tokenizer=corpus.tokenizer,
     )
+
+
+def apply_fast(cfg: DictConfig, module: LanguageModel) -> list:
+    """The fast group's pieces swapped into the module; the callbacks that train them."""
+    return fast.apply(module, cfg.fast, cfg.trainer.precision)
 
 
 def build_callbacks(cfg: DictConfig) -> list:
@@ -141,26 +119,6 @@ def build_logger(cfg: DictConfig):
         return instantiate(cfg.logger)
 
 
-def check_device_options(cfg: DictConfig) -> None:
-    """Options that need a GPU (or the Triton interpreter, for the fused loss) fail before anything starts."""
-    precision, accelerator = cfg.trainer.precision, cfg.trainer.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if precision.startswith("bf16") and not (on_gpu and torch.cuda.is_bf16_supported()):
-        raise UserError(
-            "precision=bf16 needs a GPU with bfloat16 (Ampere or newer) and there is none here; use precision=fp32"
-        )
-    if precision == "16-mixed" and not on_gpu:
-        raise UserError("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
-    if cfg.model.cuda_graphs and not (on_gpu and torch.cuda.is_available()):
-        raise UserError("model.cuda_graphs=true replays CUDA graphs: it needs a CUDA GPU; set model.cuda_graphs=false")
-    triton_runs = on_gpu or os.environ.get("TRITON_INTERPRET") == "1"
-    if cfg.model.fused_loss and not (triton_runs and importlib.util.find_spec("triton")):
-        raise UserError(
-            "model.fused_loss=true runs a Triton kernel: it needs a CUDA GPU and the triton package; "
-            "set model.fused_loss=false"
-        )
-
-
 def build_strategy(cfg: DictConfig):
     """A strategy name ("auto", "ddp", "fsdp", ...) or one built from its `_target_` with its options."""
     strategy = cfg.trainer.strategy
@@ -172,7 +130,6 @@ def build_strategy(cfg: DictConfig):
 
 def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
     t = cfg.trainer
-    check_device_options(cfg)
     torch.set_float32_matmul_precision(t.matmul_precision)
     accumulate = accumulation(cfg)
     trainer = L.Trainer(

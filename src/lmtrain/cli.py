@@ -11,17 +11,28 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from . import config  # noqa: F401  (registers the schemas the configs name)
+from . import config  # registers the schemas the configs name
 from .errors import EXIT_USER_ERROR, FULL_ERROR, UserError, describe_hydra_error, exit_on_user_error, one_line
 
-# conf/ at the top of the repository, shipped as the package lmtrain.conf: the import system finds it in a wheel
-# (site-packages/lmtrain/conf) and, through the editable install's mapping, in the repository.
-CONFIG_DIR = importlib.util.find_spec("lmtrain.conf").submodule_search_locations[0]
+
+
+def _config_dir() -> str:
+    """conf/ at the top of the repository, shipped as the package lmtrain.conf: the import system finds it in a
+    wheel (site-packages/lmtrain/conf) and, through the editable install's mapping, in the repository; a source
+    tree put on PYTHONPATH without an install has it two folders above this file."""
+    spec = importlib.util.find_spec("lmtrain.conf")
+    if spec is not None:
+        return spec.submodule_search_locations[0]
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+CONFIG_DIR = _config_dir()
 _USER_FULL_ERROR = "LMTRAIN_USER_HYDRA_FULL_ERROR"
 
 
@@ -69,11 +80,21 @@ def _run_hydra_app(hydra_main: Callable[[], None]) -> None:
     except (HydraException, OmegaConfBaseException, UserError) as err:
         if user_value == "1":
             raise
-        message = one_line(err) if isinstance(err, UserError) else describe_hydra_error(err)
+        message = one_line(err) if isinstance(err, UserError) else moved_key_hint(err) or describe_hydra_error(err)
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     finally:
         _restore_full_error()
+
+
+def moved_key_hint(err: BaseException) -> str | None:
+    """The fix for an old model.* speed switch that a composition error names, or None."""
+    while err is not None:
+        hint = config.moved_key_hint(str(getattr(err, "full_key", "") or ""))
+        if hint:
+            return hint
+        err = err.__cause__
+    return None
 
 
 def _restore_full_error() -> None:

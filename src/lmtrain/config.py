@@ -6,35 +6,107 @@ The YAML files in conf/ fill these schemas, so an unknown key or a wrong type fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
 from .model import GPTConfig
 from .optim import OptimConfig
+from .precision import PRECISIONS
 
-PRECISIONS = {"bf16-mixed", "16-mixed", "32-true", "bf16-true"}
-AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # the precisions that autocast
-SINGLE_PROCESS_OPTIONS = {  # model options that train one process only, and why
+
+def choice(default, *others):
+    """A field that takes one of these values (checked by validate, listed in docs/options.md)."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    """The architecture (the GPT's own GPTConfig): what a checkpoint's weights depend on."""
+
+    vocab_size: int | None = None  # None: the tokenizer's; if set, at least the tokenizer's
+    mlp: str = choice("gelu", "gelu_tanh", "relu2")
+    norm: str = choice("layernorm", "rms")
+
+    def problems(self) -> list[str]:
+        problems = [
+            f"model.{key}={getattr(self, key)} must be at least 1" for key in LAYER_SIZES if getattr(self, key) < 1
+        ]
+        if self.n_head >= 1 and self.n_embd >= 1 and self.n_embd % self.n_head:
+            problems.append(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                f"choose an n_head that divides it, e.g. {_divisor_near(self.n_embd, self.n_head)}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.rope and self.n_head >= 1 and (self.n_embd // self.n_head) % 2:
+            problems.append("model.rope needs an even head size (n_embd / n_head)")
+        if self.vocab_multiple < 1:
+            problems.append(f"model.vocab_multiple={self.vocab_multiple} must be at least 1")
+        return problems
+
+
+LAYER_SIZES = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+@dataclass
+class FastConfig:
+    """The speed wing (lmtrain.fast): faster implementations of the same math; none changes the model trained."""
+
+    compile: bool = False  # torch.compile the training loss (forward + cross-entropy), or the blocks
+    compile_mode: str | None = choice(None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    compile_scope: str = choice("model", "blocks")  # model: one graph of the loss; blocks: one graph all blocks share
+    loss: str = choice(
+        "plain", "chunked", "fused"
+    )  # the head's cross-entropy: whole, a slice of rows at a time, Triton
+    loss_chunk_rows: int = 4096  # loss=chunked: rows per slice
+    fused_qk_norm_rope: bool = False  # QK-norm and rotary in one Triton kernel each way (GPU, not compiled)
+    fused_mlp: bool = False  # ReLU² as one autograd function; GELU(tanh) in cuBLASLt's matmul epilogues (GPU)
+    low_precision_residual: bool = False  # under autocast, the residual stream in the autocast dtype, not float32
+    cast_weights_once: bool = False  # matmul weights cast to the autocast dtype once per optimizer step
+    cuda_graphs: bool = False  # the uncompiled training forward and backward replayed as CUDA graphs
+    decode_graphs: bool = False  # generation on a GPU: one CUDA-graph replay per token
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.loss_chunk_rows < 1:
+            problems.append(f"fast.loss_chunk_rows={self.loss_chunk_rows} must be at least 1")
+        if self.cuda_graphs and (self.compile or self.cast_weights_once):
+            problems.append(
+                "fast.cuda_graphs captures the uncompiled model and its own weights: turn it off for fast.compile "
+                "(fast.compile_mode=reduce-overhead graphs the compiled one) and for fast.cast_weights_once"
+            )
+        return problems
+
+
+# The speed switches that lived under model.* before the fast group: where each went.
+MOVED_TO_FAST = {
+    "compile": "fast.compile",
+    "compile_mode": "fast.compile_mode",
+    "compile_scope": "fast.compile_scope",
+    "fused_loss": "fast.loss=fused",
+    "loss_chunk_rows": "fast.loss=chunked fast.loss_chunk_rows",
+    "fused_qk_norm_rope": "fast.fused_qk_norm_rope",
+    "gelu_in_matmul": "fast.fused_mlp",
+    "low_precision_residual": "fast.low_precision_residual",
+    "cast_weights_once": "fast.cast_weights_once",
+    "cuda_graphs": "fast.cuda_graphs",
+}
+SINGLE_PROCESS_OPTIONS = {  # fast options that train one process only, and why
     "cast_weights_once": "DDP and FSDP synchronise the weights' own gradients, not the copies'",
     "cuda_graphs": "DDP and FSDP hook into each backward",
 }
 
 
-@dataclass
-class ModelConfig(GPTConfig):
-    vocab_size: int | None = None  # None: the tokenizer's; if set, at least the tokenizer's
-    compile: bool = False  # torch.compile the training loss (model forward + cross-entropy)
-    compile_mode: str | None = None  # None (default), "reduce-overhead" (CUDA graphs), "max-autotune"
-    compile_scope: str = "model"  # "model": forward + loss as one graph; "blocks": one graph all blocks share
-    loss_chunk_rows: int = 0  # > 0: the head's cross-entropy a slice of rows at a time (saves the logits' memory)
-    fused_loss: bool = False  # the head's cross-entropy and its gradient in one Triton kernel (CUDA)
-    cast_weights_once: bool = False  # matmul weights cast to the autocast dtype once per optimizer step
-    cuda_graphs: bool = False  # uncompiled training forward and backward replayed as CUDA graphs (CUDA)
+def moved_key_hint(full_key: str) -> str | None:
+    """The one-line fix for an old model.* speed switch, or None for any other key."""
+    group, _, key = full_key.partition(".")
+    if group == "model" and key in MOVED_TO_FAST:
+        return f"model.{key} moved to the fast group: use {MOVED_TO_FAST[key]} (docs/options.md)"
+    return None
 
 
 @dataclass
@@ -47,11 +119,26 @@ class DataConfig:
     val_fraction: float = 0.1
     block_size: int | None = None  # training window; None: the model's block_size
 
+    def problems(self) -> list[str]:
+        if not 0.0 < self.val_fraction < 1.0:
+            return [f"data.val_fraction={self.val_fraction} must be between 0 and 1"]
+        return []
+
 
 @dataclass
 class TokenizerConfig:
     _target_: str = MISSING
     _partial_: bool = True
+
+
+@dataclass
+class TrainedTokenizerConfig(TokenizerConfig):
+    vocab_size: int = 4096
+
+    def problems(self) -> list[str]:
+        if self.vocab_size < 257:
+            return [f"tokenizer.vocab_size={self.vocab_size} must be at least 257 (256 bytes + 1)"]
+        return []
 
 
 @dataclass
@@ -65,19 +152,18 @@ class CharTokenizerConfig(TokenizerConfig):
 
 
 @dataclass
-class BPETokenizerConfig(TokenizerConfig):
+class BPETokenizerConfig(TrainedTokenizerConfig):
     _target_: str = "lmtrain.tokenizer.bpe_train.build"
     vocab_size: int = 4096  # byte tokens + merges + special tokens
-    pattern: str = "gpt2"  # pre-tokenization: gpt2, gpt4 or none
+    pattern: str = choice("gpt2", "gpt4", "none")  # pre-tokenization
     special_tokens: list[str] = field(default_factory=list)
     path: str | None = None  # a saved tokenizer file instead of training one
 
 
 @dataclass
-class SentencePieceTokenizerConfig(TokenizerConfig):
+class SentencePieceTokenizerConfig(TrainedTokenizerConfig):
     _target_: str = "lmtrain.tokenizer.spm.build"
-    vocab_size: int = 4096
-    model_type: str = "bpe"  # bpe or unigram
+    model_type: str = choice("bpe", "unigram")
 
 
 @dataclass
@@ -86,7 +172,7 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: Any = "auto"
-    precision: str = "bf16-mixed"  # set by the precision group
+    precision: str = choice(*PRECISIONS)  # set by the precision group
     max_steps: int = 5000  # optimizer steps
     batch_size: int = 64  # micro-batch per device
     accumulate_grad_batches: int = 4
@@ -98,7 +184,23 @@ class TrainerConfig:
     eval_at_start: bool = True  # evaluate (and sample) before the first step
     log_every_n_steps: int = 50
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
-    matmul_precision: str = "high"  # "high": TF32 matmuls on Ampere and newer
+    matmul_precision: str = choice("high", "highest", "medium")  # high: TF32 matmuls on Ampere and newer
+
+    def problems(self) -> list[str]:
+        problems = [
+            f"trainer.{key}={getattr(self, key)} must be at least 1" for key in POSITIVE if getattr(self, key) < 1
+        ]
+        if self.eval_batches is not None and self.eval_batches < 1:
+            problems.append(f"trainer.eval_batches={self.eval_batches} must be at least 1 (or null for a full pass)")
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            problems.append(
+                f"trainer.gradient_clip_val={self.gradient_clip_val} must be positive (or null for no clipping)"
+            )
+        return problems
+
+
+POSITIVE = ("max_steps", "batch_size", "accumulate_grad_batches", "eval_interval", "log_every_n_steps", "num_nodes")
+POSITIVE += ("max_nonfinite_steps",)
 
 
 @dataclass
@@ -106,10 +208,18 @@ class CheckpointConfig:
     every_n_steps: int = 1000  # periodic full checkpoint (model, optimizer, RNG) for resuming
     keep_last: int = 2
 
+    def problems(self) -> list[str]:
+        return [
+            f"checkpoint.{key}={getattr(self, key)} must be at least 1"
+            for key in ("every_n_steps", "keep_last")
+            if getattr(self, key) < 1
+        ]
+
 
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: Any = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -183,118 +293,135 @@ def training_block_size(cfg: DictConfig | TrainConfig) -> int:
     return cfg.data.block_size or cfg.model.block_size
 
 
+GROUPS = ("model", "fast", "data", "tokenizer", "trainer", "checkpoint")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Every problem types cannot catch, in one UserError: `key=value …; fix`."""
-    m, o, t, d, c = cfg.model, cfg.optim, cfg.trainer, cfg.data, cfg.checkpoint
+    """Every problem types cannot catch, in one UserError: `key=value …; fix`. Each group's schema checks its
+    own fields; the rules between groups are in rules_between_groups."""
+    problems = []
+    for group in GROUPS:
+        schema = OmegaConf.to_object(cfg[group])
+        problems += choice_problems(schema, group)
+        problems += schema.problems() if hasattr(schema, "problems") else []
+    problems += optim_problems(cfg.optim) + schedule_problems(cfg.optim, cfg.trainer.max_steps)
+    problems += rules_between_groups(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def choice_problems(schema, prefix: str) -> list[str]:
+    """Fields declared with choice() holding another value."""
+    if not is_dataclass(schema):
+        return []
+    problems = []
+    for f in fields(schema):
+        value, allowed = getattr(schema, f.name), f.metadata.get("choices")
+        if allowed and value not in allowed:
+            names = ", ".join("null" if a is None else str(a) for a in allowed)
+            problems.append(f"{prefix}.{f.name}={value!r} must be one of {names}")
+    return problems
+
+
+def optim_problems(o) -> list[str]:
+    problems = []
+    if not (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)):
+        problems.append(f"optim.betas={list(o.betas)} must be two values in [0, 1)")
+    if o.weight_decay < 0:
+        problems.append(f"optim.weight_decay={o.weight_decay} must not be negative")
+    return problems
+
+
+def rules_between_groups(cfg: DictConfig) -> list[str]:
+    """What one group's setting requires of another's, the device included."""
+    m, f, t, d = cfg.model, cfg.fast, cfg.trainer, cfg.data
+    precision = PRECISIONS.get(t.precision)
     problems = []
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    for key in ("n_layer", "n_head", "n_embd", "block_size"):
-        need(m[key] >= 1, f"model.{key}={m[key]} must be at least 1")
-    if m.n_head >= 1 and m.n_embd >= 1:  # (below 1: named just above)
-        need(
-            m.n_embd % m.n_head == 0,
-            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
-            f"choose an n_head that divides it, e.g. {_divisor_near(m.n_embd, m.n_head)}",
-        )
-    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    need(m.mlp in ("gelu", "gelu_tanh", "relu2"), f"model.mlp={m.mlp!r} must be gelu, gelu_tanh or relu2")
-    need(m.norm in ("layernorm", "rms"), f"model.norm={m.norm!r} must be layernorm or rms")
-    need(
-        not m.rope or (m.n_head >= 1 and (m.n_embd // m.n_head) % 2 == 0),
-        "model.rope needs an even head size (n_embd / n_head)",
-    )
-    need(m.vocab_multiple >= 1, f"model.vocab_multiple={m.vocab_multiple} must be at least 1")
-    need(m.loss_chunk_rows >= 0, f"model.loss_chunk_rows={m.loss_chunk_rows} must be 0 (off) or positive")
-    need(
-        not (m.fused_loss and m.loss_chunk_rows),
-        "model.fused_loss and model.loss_chunk_rows are two ways to compute the loss: turn one of them off",
-    )
-    need(
-        not (m.fused_loss and t.precision == "16-mixed"),
-        "model.fused_loss writes the loss's gradient in fp16 before the GradScaler scales it (small ones would "
-        "underflow to 0): use precision=bf16 or model.fused_loss=false",
-    )
-    need(
-        m.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        f"model.compile_mode={m.compile_mode!r} must be null, default, reduce-overhead or max-autotune",
-    )
-    need(m.compile_scope in ("model", "blocks"), f"model.compile_scope={m.compile_scope!r} must be model or blocks")
-    need(
-        not m.cast_weights_once or t.precision in AUTOCAST_DTYPES,
-        f"model.cast_weights_once casts for autocast, which precision={t.precision} does not use: "
-        "use precision=bf16 or fp16, or model.cast_weights_once=false",
-    )
-    need(
-        not (m.cuda_graphs and (m.compile or m.cast_weights_once)),
-        "model.cuda_graphs captures the uncompiled model and its own weights: turn it off for model.compile "
-        "(model.compile_mode=reduce-overhead graphs the compiled one) and for model.cast_weights_once",
-    )
-    distributed = any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))
-    for key, reason in SINGLE_PROCESS_OPTIONS.items():
-        need(not (m[key] and distributed), f"model.{key} trains one process: {reason} (use model.{key}=false)")
-    need(
-        not (m.compile and m.compile_scope == "blocks" and "fsdp" in str(t.strategy).lower()),
-        "model.compile_scope=blocks compiles the blocks before FSDP wraps them: use model.compile_scope=model",
-    )
     need(
         d.block_size is None or 1 <= d.block_size <= m.block_size,
         f"data.block_size={d.block_size} is above the model's context model.block_size={m.block_size}; "
         "lower data.block_size or raise model.block_size",
     )
-    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be between 0 and 1")
-    tok = cfg.tokenizer
-    if "pattern" in tok:
-        need(tok.pattern in ("gpt2", "gpt4", "none"), f"tokenizer.pattern={tok.pattern!r} must be gpt2, gpt4 or none")
-    if "vocab_size" in tok:
-        need(tok.vocab_size >= 257, f"tokenizer.vocab_size={tok.vocab_size} must be at least 257 (256 bytes + 1)")
+    if precision is not None:
+        need(
+            not (f.loss == "fused" and precision.loss_scaling),
+            "fast.loss=fused writes the loss's gradient in fp16 before the GradScaler scales it (small ones would "
+            "underflow to 0): use precision=bf16 or fast.loss=plain",
+        )
+        need(
+            not (cfg.optim.fused and precision.loss_scaling),
+            "optim.fused=true cannot run under precision=fp16: lmtrain clips inside fused AdamW's step, on "
+            "gradients the GradScaler has not unscaled yet; use optim.fused=null (foreach AdamW) or precision=bf16",
+        )
+        need(
+            not f.cast_weights_once or precision.autocast,
+            f"fast.cast_weights_once casts for autocast, which precision={t.precision} does not use: "
+            "use precision=bf16 or fp16, or fast.cast_weights_once=false",
+        )
+    several = world_size(cfg) > 1 or any(s in str(t.strategy).lower() for s in ("ddp", "fsdp"))
+    for key, reason in SINGLE_PROCESS_OPTIONS.items():
+        need(not (f[key] and several), f"fast.{key} trains one process: {reason} (use fast.{key}=false)")
+    need(
+        not (f.compile and f.compile_scope == "blocks" and "fsdp" in str(t.strategy).lower()),
+        "fast.compile_scope=blocks compiles the blocks before FSDP wraps them: use fast.compile_scope=model",
+    )
+    return problems
 
-    problems += schedule_problems(o, t.max_steps)
-    need(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        f"optim.betas={list(o.betas)} must be two values in [0, 1)",
-    )
-    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative")
-    need(
-        not (o.fused and t.precision == "16-mixed"),
-        "optim.fused=true cannot run under precision=fp16: lmtrain clips inside fused AdamW's step, on gradients "
-        "the GradScaler has not unscaled yet; use optim.fused=null (foreach AdamW) or precision=bf16",
-    )
 
-    positive = (
-        "max_steps",
-        "batch_size",
-        "accumulate_grad_batches",
-        "eval_interval",
-        "log_every_n_steps",
-        "num_nodes",
-        "max_nonfinite_steps",
-    )
-    for key in positive:
-        need(t[key] >= 1, f"trainer.{key}={t[key]} must be at least 1")
-    need(
-        t.eval_batches is None or t.eval_batches >= 1,
-        f"trainer.eval_batches={t.eval_batches} must be at least 1 (or null for a full pass)",
-    )
-    need(
-        t.gradient_clip_val is None or t.gradient_clip_val > 0,
-        f"trainer.gradient_clip_val={t.gradient_clip_val} must be positive (or null for no clipping)",
-    )
-    need(
-        t.precision in PRECISIONS,
-        f"trainer.precision={t.precision!r} must be one of {sorted(PRECISIONS)}; use precision=bf16|fp16|fp32",
-    )
-    need(
-        t.matmul_precision in ("highest", "high", "medium"),
-        f"trainer.matmul_precision={t.matmul_precision!r} must be highest, high or medium",
-    )
-    need(c.every_n_steps >= 1, f"checkpoint.every_n_steps={c.every_n_steps} must be at least 1")
-    need(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be at least 1")
+def check_machine(cfg: DictConfig) -> None:
+    """What the config asks of this machine's devices, before anything is built: one UserError."""
+    problems = device_problems(cfg)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def device_problems(cfg: DictConfig) -> list[str]:
+    """Settings that need a GPU (or, for the Triton loss, the Triton interpreter) on a machine without one."""
+    import importlib.util
+    import os
+
+    import torch
+
+    compute, accelerator = PRECISIONS[cfg.trainer.precision].compute, cfg.trainer.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    problems = []
+    if compute == "bfloat16" and not (on_gpu and torch.cuda.is_bf16_supported()):
+        problems.append(
+            "precision=bf16 needs a GPU with bfloat16 (Ampere or newer) and there is none here; use precision=fp32"
+        )
+    if compute == "float16" and not on_gpu:
+        problems.append("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
+    if cfg.fast.cuda_graphs and not (on_gpu and torch.cuda.is_available()):
+        problems.append("fast.cuda_graphs=true replays CUDA graphs: it needs a CUDA GPU; set fast.cuda_graphs=false")
+    triton_runs = on_gpu or os.environ.get("TRITON_INTERPRET") == "1"
+    if cfg.fast.loss == "fused" and not (triton_runs and importlib.util.find_spec("triton")):
+        problems.append(
+            "fast.loss=fused runs a Triton kernel: it needs a CUDA GPU and the triton package; set fast.loss=plain"
+        )
+    return problems
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes that will train: devices per node x nodes (auto: every GPU, or one CPU process)."""
+    import torch
+
+    devices, accelerator = cfg.trainer.devices, cfg.trainer.accelerator
+    if isinstance(devices, int):
+        count = devices
+    elif isinstance(devices, str) and devices.lstrip("-").isdigit():
+        count = int(devices)
+    elif not isinstance(devices, str):
+        count = len(devices)
+    else:
+        count = 1
+    if count == -1 or devices == "auto":
+        count = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
+    return max(count, 1) * cfg.trainer.num_nodes
 
 
 def schedule_problems(o, max_steps: int) -> list[str]:

@@ -2,7 +2,8 @@
 
 Shapes: B batch, T time, C = n_embd, H = n_head, D = C // H head size, V = padded vocabulary.
 Options beyond GPT-2 (all off by default): rotary position embeddings, QK-norm, ReLU² MLP,
-zero-initialised output projections, RMS norms without parameters, a residual stream in the autocast dtype.
+zero-initialised output projections, RMS norms without parameters. No speed code: lmtrain.fast swaps faster
+implementations of the same math into a built model.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from . import cublaslt
-from .losses import chunked_linear_cross_entropy, compute_dtype, fused_linear_cross_entropy
 
 
 @dataclass
@@ -34,9 +32,6 @@ class GPTConfig:
     norm: str = "layernorm"  # "layernorm" (GPT-2: a gain, a bias if `bias`) or "rms" (RMS norm, no parameters)
     zero_init_proj: bool = False  # output projections start at zero: each block starts as the identity
     vocab_multiple: int = 64  # pad the embedding table so the head's matmul is tensor-core aligned
-    fused_qk_norm_rope: bool = True  # on a GPU, outside torch.compile: QK-norm and rotary in one Triton kernel
-    low_precision_residual: bool = False  # under autocast, the residual stream in the autocast dtype, not float32
-    gelu_in_matmul: bool = True  # on a GPU in bf16/fp16, mlp=gelu_tanh without bias: cuBLASLt's GELU epilogues
 
     @property
     def padded_vocab_size(self) -> int:
@@ -80,31 +75,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin).type_as(x)
 
 
-class _FusedQKNormRope(torch.autograd.Function):
-    """QK-norm and rotary positions in one Triton kernel each way (kernels.qk_norm_rope); q, k, v (3, B, T, H, D)."""
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, norm: bool, rotate: bool):
-        from .kernels import qk_norm_rope
-
-        ctx.save_for_backward(qkv, cos, sin)
-        ctx.options = (norm, rotate)
-        return qk_norm_rope(qkv, cos, sin, norm, rotate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from .kernels import qk_norm_rope_backward
-
-        return qk_norm_rope_backward(grad, *ctx.saved_tensors, *ctx.options), None, None, None, None
-
-
-def fused_qk_norm_rope(qkv: torch.Tensor, rotary, norm: bool) -> torch.Tensor:
-    """q, k, v (3, B, T, H, D) of qkv (B, T, 3, H, D) through the kernel; rotary: rotary_tables' rows or None."""
-    rotate = rotary is not None
-    cos, sin = (t.view(qkv.size(1), -1) for t in rotary) if rotate else (qkv, qkv)  # unread if not rotating
-    return _FusedQKNormRope.apply(qkv, cos, sin, norm, rotate)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -112,8 +82,6 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head, self.head_size = config.n_head, config.head_size
         self.qk_norm = config.qk_norm
-        # the Triton kernel's tiles are half a head wide: power-of-two head sizes only
-        self.fused_qk_norm_rope = config.fused_qk_norm_rope and config.head_size & (config.head_size - 1) == 0
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -122,11 +90,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rotary=None, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_size)
-        if self.qk_norm or rotary is not None:
-            q, k, v = self.normalize_and_rotate(qkv, rotary)
-        else:
-            q, k, v = qkv.unbind(2)  # (B, T, H, D) each
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = (t.transpose(1, 2) for t in self.queries_keys_values(qkv, rotary))  # (B, H, T, D)
         causal = True
         if cache is not None:
             # Generation fills the cache from empty (prompt, causal) and then one token at a time,
@@ -139,32 +103,16 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
-    def normalize_and_rotate(self, qkv: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def queries_keys_values(self, qkv: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, T, H, D) of qkv (B, T, 3, H, D): q and k with QK-norm and rotary positions, as configured."""
-        if self.fused_qk_norm_rope and qkv.is_cuda and not torch.compiler.is_compiling():
-            return fused_qk_norm_rope(qkv, rotary, self.qk_norm).unbind(0)
+        if not (self.qk_norm or rotary is not None):
+            return qkv.unbind(2)
         qk, v = qkv.split((2, 1), dim=2)  # queries and keys normalised and rotated together
         if self.qk_norm:
             qk = F.rms_norm(qk, (self.head_size,))
         if rotary is not None:
             qk = apply_rotary(qk, *rotary)
         return *qk.unbind(2), v.squeeze(2)
-
-
-class _ReLUSquared(torch.autograd.Function):
-    """relu(x)² in the input's precision (autocast would run h.square() in float32); the backward is 2·relu(x)·grad
-    from the saved relu(x), two kernels where autograd's graph of relu and a product takes four."""
-
-    @staticmethod
-    def forward(ctx, x):
-        r = F.relu(x)
-        ctx.save_for_backward(r)
-        return r * r
-
-    @staticmethod
-    def backward(ctx, grad):
-        (r,) = ctx.saved_tensors
-        return torch.mul(grad, r).mul_(2.0)
 
 
 class MLP(nn.Module):
@@ -174,20 +122,15 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.activation = config.mlp
-        self.gelu_in_matmul = config.mlp == "gelu_tanh" and config.gelu_in_matmul and not config.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gelu_in_matmul and x.is_cuda:
-            dtype = compute_dtype(x)
-            operands = x.to(dtype), self.fc.weight.to(dtype), self.proj.weight.to(dtype)
-            if cublaslt.supported(*operands):
-                return self.dropout(cublaslt.gelu_mlp(*operands))
-        h = self.fc(x)
+        return self.dropout(self.proj(self.activate(self.fc(x))))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "relu2":
-            h = _ReLUSquared.apply(h)
-        else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.dropout(self.proj(h))
+            h = F.relu(h)
+            return h * h  # not h.square(): autocast would compute that in float32
+        return F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
 
 def norm_layer(config: GPTConfig) -> nn.Module:
@@ -224,7 +167,6 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.compiled_blocks: list[nn.Module] = []  # see compile_blocks; not submodules: no state of their own
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one add per sub-block
         for name, p in self.named_parameters():
@@ -240,12 +182,6 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-
-    def compile_blocks(self, mode: str | None = None) -> None:
-        """torch.compile the blocks for training (dropout on, no cache). The blocks are alike, so one compiled
-        graph serves every layer: a cold compile about half as long as the whole model's, a step a little slower.
-        Evaluation and generation run the eager blocks."""
-        self.compiled_blocks = [torch.compile(block, mode=mode) for block in self.blocks]
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters counted once (tied weights once); without embeddings: without wte and wpe."""
@@ -266,11 +202,7 @@ class GPT(nn.Module):
         else:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        if self.config.low_precision_residual:
-            # under autocast, bf16 adds and layer-norm inputs: half the memory traffic of its float32 stream
-            x = x.to(compute_dtype(x))
-        blocks = self.compiled_blocks if self.training and cache is None and self.compiled_blocks else self.blocks
-        for block in blocks:
+        for block in self.blocks:
             x = block(x, rotary, cache)
         if cache is not None:
             cache.length += T
@@ -280,20 +212,8 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) over the real vocabulary; the padding ids are never predicted."""
         return self.lm_head(self.hidden_states(idx, cache))[..., : self.config.vocab_size]
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0, fused: bool = False) -> torch.Tensor:
-        """Mean next-token cross-entropy in nats; logits in float32 for an accurate log-sum-exp.
-
-        chunk_rows > 0: the head and the loss a slice of rows at a time, never all logits at once.
-        fused: the loss and its gradient in one Triton kernel over the head's logits (CUDA).
-        """
-        if chunk_rows:
-            hidden = self.hidden_states(idx)
-            return chunked_linear_cross_entropy(
-                hidden, self.lm_head.weight, targets, self.config.vocab_size, chunk_rows
-            )
-        if fused:
-            hidden = self.hidden_states(idx)
-            return fused_linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.vocab_size)
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats; logits in float32 for an accurate log-sum-exp."""
         logits = self(idx)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
@@ -331,89 +251,10 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, cuda_graph: bool = True, **options) -> torch.Tensor:
-        """The prompt (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens).
-
-        On a GPU, when prompt and new tokens fit in block_size, each token is one replay of a captured
-        CUDA graph (GraphedDecoder): the same draws, without ~100 kernel launches per token from Python.
-        """
-        if cuda_graph and idx.is_cuda and idx.size(1) + max_new_tokens <= self.config.block_size:
-            options.pop("use_cache", None)
-            return GraphedDecoder(self, idx, max_new_tokens, **options).run()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """The prompt (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, **options))
         return torch.cat([idx, *new], dim=1)
-
-
-class GraphedDecoder:
-    """Decoding with static shapes, so that one step can be captured as a CUDA graph and replayed.
-
-    The sequence lives in a (B, L) buffer, L = prompt + new tokens <= block_size. Each step recomputes all
-    L positions (no KV cache: at these sizes the GPU does that in well under a millisecond), reads the
-    logits at the last filled position, held on the device, and writes the drawn id after it. The
-    sampling noise is drawn outside the graph from the caller's generator, as the eager loop draws it.
-    """
-
-    def __init__(
-        self,
-        model: GPT,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ):
-        B, T = idx.shape
-        self.model, self.sampling, self.generator = model, (temperature, top_k, top_p), generator
-        self.max_new_tokens = max_new_tokens
-        self.tokens = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, L)
-        self.tokens[:, :T] = idx
-        self.last = torch.full((1,), T - 1, dtype=torch.long, device=idx.device)  # last filled position
-        self.noise = torch.empty(B, model.config.vocab_size, device=idx.device)  # Exp(1), see sample_next
-
-    def step(self) -> None:
-        hidden = self.model.hidden_states(self.tokens)  # (B, L, C)
-        logits = self.model.lm_head(hidden.index_select(1, self.last))[:, 0, : self.model.config.vocab_size]
-        next_id = sample_next(logits.float(), *self.sampling, noise=self.noise)  # (B, 1)
-        self.last += 1
-        self.tokens.index_copy_(1, self.last, next_id)
-
-    @torch.no_grad()
-    def run(self) -> torch.Tensor:
-        if self.max_new_tokens == 0:
-            return self.tokens
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            replay = self._capture() if self.tokens.is_cuda else self.step
-            for _ in range(self.max_new_tokens):
-                self.noise.exponential_(generator=self.generator)
-                replay()
-        finally:
-            self.model.train(was_training)
-        return self.tokens
-
-    def _capture(self):
-        """Warm up on a side stream (as torch.cuda.graphs asks), then capture one step. The autocast
-        weight cache is off inside: a graph must not depend on casts made outside it."""
-        autocast = torch.autocast(
-            "cuda",
-            dtype=torch.get_autocast_dtype("cuda"),
-            enabled=torch.is_autocast_enabled("cuda"),
-            cache_enabled=False,
-        )
-        start = self.tokens.clone(), self.last.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast:
-            self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast:
-            self.step()
-        self.tokens.copy_(start[0])  # undo the warm-up step
-        self.last.copy_(start[1])
-        return graph.replay
 
 
 def sample_next(

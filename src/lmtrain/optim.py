@@ -40,7 +40,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool) -> torch
 
 
 def _adamw(groups: list[dict], config: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
+    return AdamW(
         groups,
         lr=config.max_lr,
         betas=tuple(config.betas),
@@ -77,9 +77,18 @@ def build_muon(model: nn.Module, config: OptimConfig, fused: bool) -> torch.opti
     return Combined([muon, adamw])
 
 
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer takes `found_inf` (a 0-d tensor, 1.0 = skip this update) without a host sync."""
-    return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, (Combined, StackedMuon))
+def clip_gradients_(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+    """Scale the gradients to a total norm of at most max_norm (None: measure only); returns the norm before.
+    `model` as the strategy wraps it: FSDP's clip_grad_norm_ takes the norm over every rank's shard."""
+    max_norm = max_norm or math.inf
+    if hasattr(model, "clip_grad_norm_"):
+        return model.clip_grad_norm_(max_norm)
+    if optimizer.defaults.get("fused"):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        # fused AdamW divides the gradients by grad_scale as it reads them: clipping without a pass of its own
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+        return norm
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
 
 
 def loss_of(closure) -> torch.Tensor | None:
@@ -130,6 +139,24 @@ class StackedMuon(torch.optim.Muon):
         torch._foreach_copy_(params, list(new_param.unbind(0)))
 
 
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW that honours `found_inf` (a 0-d tensor, 1.0 = skip this update) without a host sync:
+    the fused form reads it itself; the foreach form reads it on the CPU, where that waits for nothing, and on a
+    GPU has its step undone on the device (step_unless_found_inf)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = loss_of(closure)
+        found_inf = None if self.defaults.get("fused") else self.__dict__.pop("found_inf", None)
+        if found_inf is None:
+            super().step()
+        elif found_inf.is_cuda:
+            step_unless_found_inf(super().step, self.param_groups, self.state, found_inf)
+        elif not found_inf.item():
+            super().step()
+        return loss
+
+
 def stacked_newton_schulz(
     stack: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
 ) -> torch.Tensor:
@@ -147,17 +174,17 @@ def stacked_newton_schulz(
 
 
 @torch.no_grad()
-def step_unless_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
-    """optimizer.step(), undone on the device when found_inf is 1: parameters and state tensors are
+def step_unless_found_inf(step, param_groups: list[dict], state: dict, found_inf: torch.Tensor) -> None:
+    """An optimizer's step(), undone on the device when found_inf is 1: parameters and state tensors are
     snapshotted, the step runs on gradients with non-finite entries zeroed (so everything stays finite),
     and x = x * (1 - found_inf) + snapshot * found_inf restores them exactly."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    state = [t for p in params for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
-    tensors = params + [t for t in state if t.is_floating_point()]
+    params = [p for group in param_groups for p in group["params"] if p.grad is not None]
+    tensors = params + [t for p in params for t in state.get(p, {}).values() if torch.is_tensor(t)]
+    tensors = [t for t in tensors if t.is_floating_point()]
     snapshot = torch._foreach_mul(tensors, 1.0)
     for p in params:
         p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    optimizer.step()
+    step()
     torch._foreach_mul_(tensors, 1.0 - found_inf)
     torch._foreach_add_(tensors, torch._foreach_mul(snapshot, found_inf))
 
@@ -186,13 +213,9 @@ class Combined(torch.optim.Optimizer):
         loss = loss_of(closure)
         found_inf = getattr(self, "found_inf", None)
         for optimizer in self.optimizers:
-            if found_inf is None:
-                optimizer.step()
-            elif skips_on_device(optimizer):
+            if found_inf is not None:
                 optimizer.found_inf = found_inf
-                optimizer.step()
-            else:
-                step_unless_found_inf(optimizer, found_inf)
+            optimizer.step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

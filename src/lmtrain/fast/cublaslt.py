@@ -85,7 +85,7 @@ def _library() -> ctypes.CDLL:
 def _check(status: int, what: str) -> None:
     if status != 0:
         raise RuntimeError(
-            f"cuBLASLt {what} failed with status {status}; model.gelu_in_matmul=false runs the GELU on its own"
+            f"cuBLASLt {what} failed with status {status}; fast.fused_mlp=false runs the GELU on its own"
         )
 
 

@@ -1,4 +1,4 @@
-"""Cross-entropy of the language-model head, two ways around the size of its logits.
+"""The head's cross-entropy, two ways around the size of its logits (fast.loss=chunked|fused).
 
 The logits of one micro-batch of the seed recipe are 16384 x 50304 (1.65 GB in bf16, twice that in
 fp32). `chunked_linear_cross_entropy` computes the head, the loss and the head's gradients a slice of
@@ -9,8 +9,13 @@ its logits into the numerators of their own gradient in one Triton kernel (no fp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from ..model import GPT
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -68,7 +73,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size: int):
         # hidden (N, C), weight (V_padded, C), targets (N,): the mean loss over the N rows
-        from .kernels import softmax_numerators_
+        from .triton_kernels import softmax_numerators_
 
         rows, head, logits = _head_logits(hidden, weight)  # logits become their gradient's numerators in place
         losses, inv_sums = softmax_numerators_(logits, targets, vocab_size, write=True)
@@ -109,6 +114,22 @@ def fused_linear_cross_entropy(
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size)
-    from .kernels import softmax_numerators_
+    from .triton_kernels import softmax_numerators_
 
     return softmax_numerators_(_head_logits(hidden, weight)[2], targets, vocab_size, write=False)[0].mean()
+
+
+def head_loss(model: GPT, kind: str, chunk_rows: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's mean next-token loss of (idx, targets), its head computed as `kind` says: plain, chunked, fused."""
+    if kind == "plain":
+        return model.loss
+    loss = (
+        partial(chunked_linear_cross_entropy, chunk_rows=chunk_rows)
+        if kind == "chunked"
+        else fused_linear_cross_entropy
+    )
+
+    def head_loss(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss(model.hidden_states(idx), model.lm_head.weight, targets, model.config.vocab_size)
+
+    return head_loss

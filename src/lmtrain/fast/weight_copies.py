@@ -43,7 +43,7 @@ class WeightCopies:
 def _move_grad(weight: nn.Parameter, copy: nn.Parameter) -> None:
     grad, first = copy.grad, weight.grad is None
     if grad.is_cuda and grad.is_contiguous() and (first or weight.grad.is_contiguous()):
-        from .kernels import accumulate_float32_
+        from .triton_kernels import accumulate_float32_
 
         if first:
             weight.grad = torch.empty_like(weight)

@@ -29,7 +29,7 @@ def capture_loss(model: GPT, loss: LossFunction, x: torch.Tensor, y: torch.Tenso
     replays them, two launches instead of one per kernel. The warm-up passes draw random numbers the run does
     not keep, so dropout draws what the uncaptured model would. `dtype`: autocast's, or None."""
     with (
-        torch.random.fork_rng(devices=[x.device]),
+        torch.random.fork_rng(devices=[x.device] if x.is_cuda else []),
         torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False),
     ):  # autocast's weight cache would freeze the weights the capture cast
         graphed = torch.cuda.make_graphed_callables(_Loss(model, loss), (x, y), allow_unused_input=True)

@@ -26,8 +26,7 @@ class FastTraining(Callback):
         config = self.config
         if config.cast_weights_once:
             self.copies = WeightCopies(module.model, self.dtype)
-            copies = {f"model.{name}": copy for name, copy in self.copies.copies.items()}
-            module.train_loss = partial(torch.func.functional_call, _Loss(module.model, module.train_loss), copies)
+            module.train_loss = partial(_loss_with, _Loss(module.model, module.train_loss), self.copies.copies)
             optimizer.register_step_post_hook(lambda *_: self.copies.refresh())
         if config.compile and config.compile_scope == "model":
             module.train_loss = torch.compile(module.train_loss, mode=config.compile_mode)
@@ -58,3 +57,8 @@ class FastTraining(Callback):
 
     def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
         self.before_zero_grad()
+
+
+def _loss_with(loss: _Loss, copies: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss with the weight copies in place of the model's weights they copy."""
+    return torch.func.functional_call(loss, {f"model.{name}": copy for name, copy in copies.items()}, (x, y))

@@ -29,6 +29,14 @@ from lmtrain.train import train
 from .conftest import SHAKESPEARE, compose, run_cli
 
 
+@pytest.fixture
+def kernel_device():
+    """Tensors made in the test on the GPU where there is one (Triton runs there), else on the CPU, where the
+    kernels run in Triton's interpreter."""
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        yield
+
+
 @pytest.mark.parametrize(
     "option",
     [
@@ -129,7 +137,7 @@ def test_compiled_blocks_share_one_graph_and_train_as_the_eager_model():
         (32, True),  # a column of the third block far above the first block's logits: its rows are rescaled
     ],
 )
-def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, block, spike, monkeypatch):
+def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, block, spike, monkeypatch, kernel_device):
     pytest.importorskip("triton")  # in the dev extra; without a GPU the kernel runs in Triton's interpreter
     if block:
         from lmtrain.fast import triton_kernels
@@ -160,7 +168,7 @@ def test_fused_head_loss_equals_cross_entropy_in_values_and_gradients(dtype, blo
 
 
 @pytest.mark.parametrize("qk_norm, rope", [(True, True), (True, False), (False, True)])
-def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope):
+def test_fused_qk_norm_rope_equals_the_eager_attention_inputs(qk_norm, rope, kernel_device):
     pytest.importorskip("triton")  # the kernel in Triton's interpreter here; the GPU path is chosen by device
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, n_head=3, n_embd=48, rope=rope, qk_norm=qk_norm)
@@ -316,7 +324,7 @@ def test_static_shape_decoding_draws_what_the_eager_loop_draws(options):
     assert torch.equal(model.generate(prompt, 27, generator=torch.Generator().manual_seed(4), **options), eager)
 
 
-def test_the_fused_head_loss_of_a_model_equals_its_plain_loss():
+def test_the_fused_head_loss_of_a_model_equals_its_plain_loss(kernel_device):
     pytest.importorskip("triton")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
@@ -350,7 +358,8 @@ def ten_step_best_val(output_dir, *overrides, eval_interval: int = 10) -> float:
 
 def test_training_with_the_fused_loss_follows_the_plain_loss(tmp_path):
     pytest.importorskip("triton")
-    losses = {loss: ten_step_best_val(tmp_path / loss, f"fast.loss={loss}") for loss in ("plain", "fused")}
+    on = ["trainer.accelerator=gpu"] if torch.cuda.is_available() else []  # else Triton's interpreter on the CPU
+    losses = {loss: ten_step_best_val(tmp_path / loss, f"fast.loss={loss}", *on) for loss in ("plain", "fused")}
     assert losses["fused"] == pytest.approx(losses["plain"], abs=1e-4)
 
 
@@ -404,7 +413,7 @@ def test_weight_copies_leave_the_tied_head_out_and_give_autocasts_gradients():
     assert all(w.grad is None for w in copies.weights.values())
 
 
-def test_float32_accumulation_kernel_casts_and_adds_exactly():
+def test_float32_accumulation_kernel_casts_and_adds_exactly(kernel_device):
     pytest.importorskip("triton")
     from lmtrain.fast.triton_kernels import accumulate_float32_
 
@@ -482,7 +491,8 @@ def test_the_model_file_imports_no_speed_code():
         [
             sys.executable,
             "-c",
-            "import sys, lmtrain.model; print(sorted(m for m in sys.modules if m.startswith(('lmtrain.fast', 'triton'))))",
+            "import sys, lmtrain.model; "
+            "print(sorted(m for m in sys.modules if m.startswith(('lmtrain.fast', 'triton'))))",
         ],
         capture_output=True,
         text=True,

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import REPO
 
@@ -31,7 +32,8 @@ def test_the_wheel_finds_its_configs_from_another_folder(tmp_path):
     (wheel,) = (tmp_path / "wheel").glob("lmtrain-*.whl")
     run(*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel), cwd=tmp_path)
     elsewhere.mkdir()
-    env = {"PYTHONPATH": str(site)}  # the wheel, not the source tree
+    others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and not (Path(p) / "lmtrain").exists()]
+    env = {"PYTHONPATH": os.pathsep.join([str(site), *others])}  # the wheel, not the source tree
 
     where = run(
         sys.executable,

@@ -45,3 +45,14 @@ def test_bench_train_writes_every_field(tmp_path, path):
     assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["ms_per_step"] * 1e3)
     assert result["flops_per_token"] > 0
     assert result["peak_flops"] is None and result["mfu"] is None and result["peak_memory_gib"] is None
+
+
+def test_bench_generate_times_each_decoding_path_this_machine_has(tmp_path):
+    out = tmp_path / "generate.json"
+    bench_main(["generate", "--vocab", "65", "--out", str(out), "experiment=smoke"])
+    result = json.loads(out.read_text())
+    assert result["new_tokens"] == 31  # smoke: block 32, one prompt token
+    paths = {key for key in result if key.startswith("tokens_per_s_")}
+    graphs = {"tokens_per_s_cuda_graph"} if torch.cuda.is_available() else set()
+    assert paths == {"tokens_per_s_cache", "tokens_per_s_no_cache"} | graphs
+    assert all(result[key] > 0 for key in paths)

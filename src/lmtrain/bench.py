@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 
@@ -163,6 +164,7 @@ def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
 
     from .build import model_arguments
     from .cli import compose
+    from .fast.cuda_graphs import generate as graphed_generate
     from .model import GPT, GPTConfig
 
     parser = argparse.ArgumentParser(prog="python -m lmtrain.bench generate")
@@ -183,14 +185,14 @@ def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         "new_tokens": new_tokens,
         "overrides": overrides,
     }
-    modes = {"cache": {"use_cache": True, "cuda_graph": False}, "no_cache": {"use_cache": False, "cuda_graph": False}}
+    modes = {"cache": partial(model.generate, use_cache=True), "no_cache": partial(model.generate, use_cache=False)}
     if device.type == "cuda":
-        modes["cuda_graph"] = {"cuda_graph": True}
-    for name, options in modes.items():
+        modes["cuda_graph"] = partial(graphed_generate, model)  # fast.decode_graphs
+    for name, sample in modes.items():
 
-        def generate(options=options):
+        def generate(sample=sample):
             with autocast:
-                model.generate(prompt, new_tokens, temperature=1.0, top_k=40, **options)
+                sample(prompt, new_tokens, temperature=1.0, top_k=40)
             if device.type == "cuda":
                 torch.cuda.synchronize()
 

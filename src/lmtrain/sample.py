@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from .checkpointing import load_checkpoint
 from .cli import command
 from .errors import UserError
-from .model import GPT, GPTConfig
+from .model import GPT
+from .module import gpt_config
 from .tokenizer import from_state
 
 
@@ -25,7 +26,7 @@ def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str
     hparams = checkpoint.get("hyper_parameters", {})
     if "model" not in hparams or "tokenizer_state" not in hparams:
         raise UserError(f"checkpoint {ckpt_path} has no model or tokenizer settings; was it written by lmtrain?")
-    model = GPT(GPTConfig(**hparams["model"]))
+    model = GPT(gpt_config(hparams["model"]))
     tokenizer = from_state(hparams["tokenizer_state"], cache_dir, mirror)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(

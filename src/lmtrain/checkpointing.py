@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -30,7 +32,16 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; {_good_ones(path.parent)}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        # weights_only: torch's restricted unpickler, which builds tensors, containers and numbers and refuses any
+        # other object before calling it, so a crafted file runs none of its code. lmtrain writes nothing else.
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"it asks for {refused[1]}" if refused else "a pickle torch's safe loader does not read"
+        raise UserError(
+            f"checkpoint {path} holds objects that lmtrain never writes ({what}): "
+            f"refused without running any of its code; {_good_ones(path.parent, exclude=path)}"
+        ) from err
     except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways inside the unpickler
         if isinstance(err, UserError):
             raise

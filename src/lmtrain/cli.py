@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from . import config  # registers the schemas the configs name
 from .errors import EXIT_USER_ERROR, FULL_ERROR, UserError, describe_hydra_error, exit_on_user_error, one_line
-
+from .fileio import write_failure
 
 
 def _config_dir() -> str:
@@ -82,6 +82,11 @@ def _run_hydra_app(hydra_main: Callable[[], None]) -> None:
             raise
         message = one_line(err) if isinstance(err, UserError) else moved_key_hint(err) or describe_hydra_error(err)
         print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except OSError as err:  # Hydra making the run folder or writing its config there
+        if user_value == "1":
+            raise
+        print(f"error: could not write {err.filename or 'the run folder'}: {write_failure(err)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     finally:
         _restore_full_error()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -27,25 +29,54 @@ def sha256_file(path: Path) -> str:
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
     """Write through a temporary file in the same folder, fsync it, then rename over `path`.
 
-    Readers see the old file or the new one, never a part. On failure (disk full, say) the temporary
-    file is removed, the old file stays, and a UserError names the path and the cause.
+    Readers see the old file or the new one, never a part. On failure (a full disk, a read-only folder) the
+    temporary file is removed, the old file stays, and a UserError names the folder, the cause and the fix.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        hint = "free some disk space" if err.errno == errno.ENOSPC else "check the folder's permissions and space"
+    except Exception as err:  # an OSError, or a writer's own error for one (torch.save's RuntimeError)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = write_failure(err)
+        if reason is None:
+            raise
         kept = "the previous file is intact" if path.exists() else "nothing was written"
-        raise UserError(f"could not write {path}: {err.strerror or err}; {hint} ({kept})") from err
+        raise UserError(f"could not write {path.name} in {path.parent}: {reason} ({kept})") from err
     return path
+
+
+def write_failure(err: BaseException) -> str | None:
+    """What went wrong writing a file, with the fix, or None for an error that is no file system's."""
+    while not isinstance(err, OSError) and isinstance(err.__context__, OSError):  # torch.save's RuntimeError
+        err = err.__context__
+    code = getattr(err, "errno", None)
+    if code == errno.ENOSPC or "write failed" in str(err) or "No space left" in str(err):
+        return "the disk is full; free some space and run again"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the folder is not writable; fix its permissions or choose another folder"
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}; check the folder and its free space"
+    return None
+
+
+def writable_folder(folder: Path | str) -> Path:
+    """`folder`, made if missing, once a file could be made in it: checked before work whose result would be lost."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write in {folder}: {write_failure(err)}") from err
+    return folder
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:

@@ -33,8 +33,10 @@ def show(token: bytes) -> str:
 
 
 def cmd_train(args) -> None:
+    from ..fileio import writable_folder
     from .bpe_train import train_bpe
 
+    writable_folder(Path(args.out).resolve().parent)  # before training: a tokenizer that cannot be saved is lost
     texts = read_inputs(args.inputs)
     progress, finish = _progress(args.vocab_size - 256 - len(args.special))
     processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1

@@ -134,3 +134,19 @@ def test_the_speed_switches_are_not_architecture():
 def test_a_zero_width_is_named_not_a_crash():  # found by the override fuzz test
     with pytest.raises(UserError, match="model.n_embd=0 must be at least 1"):
         validate(compose("model.n_layer=0", "model.n_embd=0"))
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("optim.max_lr=inf", "optim.max_lr=inf must be a finite number"),
+        ("model.dropout=nan", "model.dropout=nan must be a finite number"),
+        ("seed=-1", r"seed=-1 must be in \[0, 2\^32\)"),
+        ("trainer.devices=0", "trainer.devices=0 must be at least 1"),
+        ("callbacks.sample_text.top_k=0", "callbacks.sample_text.top_k=0 must be at least 1"),
+        ("callbacks.sample_text.temperature=-1", "callbacks.sample_text.temperature=-1 must be 0"),
+    ],
+)
+def test_settings_that_could_only_fail_later_are_refused_before_training(override, words):
+    with pytest.raises(UserError, match=words):
+        validate(compose("experiment=smoke", override))

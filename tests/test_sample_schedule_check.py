@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from lmtrain import sample as sample_main
 from lmtrain.check import underflow_demo
 from lmtrain.errors import UserError
 
-from .conftest import compose, process_state_kept, run_cli, smoke_here
+from .conftest import compose, process_state_kept, run_cli, smoke_here, train_here
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,26 @@ def test_fp16_gradients_underflow_without_scaling_and_survive_with_it():
 def test_check_precision_runs_on_this_machine():
     result = run_cli("lmtrain.check", "precision")
     assert result.returncode == 0 and "keeps the gradients" in result.stdout and "bfloat16" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "option,words",
+    [
+        ("top_p=0", "top_p=0.0 must be in (0, 1]"),
+        ("temperatures=[nan]", "temperature=nan must be 0 (greedy) or a positive finite number"),
+        ("temperatures=[-1]", "temperature=-1.0 must be 0"),
+        ("top_k=0", "top_k=0 must be at least 1"),
+        ("max_new_tokens=-1", "max_new_tokens=-1 must not be negative"),
+        ('prompts=["\u03a9"]', "prompts='\u03a9' cannot be encoded: character '\u03a9' is not in the char"),
+    ],
+)
+def test_impossible_sampling_settings_are_one_line_errors(checkpoint, option, words):
+    cfg = compose(f"ckpt_path={checkpoint / 'last.ckpt'}", option, config_name="sample")
+    with pytest.raises(UserError, match=re.escape(words)):
+        sample_main.sample(cfg)
+
+
+def test_a_training_sample_prompt_outside_the_vocabulary_stops_the_run_before_its_first_step(tmp_path):
+    result = train_here(tmp_path, "experiment=smoke", 'callbacks.sample_text.prompt="\u03a9"')
+    assert result.returncode == 2 and "change callbacks.sample_text.prompt" in result.stderr
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

@@ -27,6 +27,7 @@ from rich.progress import (
 )
 
 from .fileio import atomic_write_bytes
+from .tokenizer import encode_prompt
 
 
 def tokens_per_step(trainer: L.Trainer) -> int:
@@ -38,7 +39,7 @@ def tokens_per_step(trainer: L.Trainer) -> int:
 def generate_text(pl_module: L.LightningModule, prompt: str, max_new_tokens: int, *, seed: int, **options) -> str:
     """Sample from the module's model with its own generator: the training RNG streams are left alone."""
     tokenizer = pl_module.tokenizer
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=pl_module.device)
+    idx = torch.tensor([encode_prompt(tokenizer, prompt, "prompt")], dtype=torch.long, device=pl_module.device)
     generator = torch.Generator(device=pl_module.device).manual_seed(seed)
     with pl_module.trainer.precision_plugin.forward_context():
         out = pl_module.model.generate(idx, max_new_tokens, generator=generator, **options)
@@ -128,6 +129,10 @@ class SampleText(Callback):
         self.path = Path(path)
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before any step: a prompt the tokenizer cannot encode would stop the run at its first evaluation."""
+        encode_prompt(pl_module.tokenizer, self.prompt, "callbacks.sample_text.prompt")
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

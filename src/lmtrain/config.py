@@ -6,6 +6,7 @@ The YAML files in conf/ fill these schemas, so an unknown key or a wrong type fa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -192,6 +193,8 @@ class TrainerConfig:
         ]
         if self.eval_batches is not None and self.eval_batches < 1:
             problems.append(f"trainer.eval_batches={self.eval_batches} must be at least 1 (or null for a full pass)")
+        if isinstance(self.devices, int) and self.devices < 1 and self.devices != -1:
+            problems.append(f"trainer.devices={self.devices} must be at least 1 (or -1 or auto: every device)")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             problems.append(
                 f"trainer.gradient_clip_val={self.gradient_clip_val} must be positive (or null for no clipping)"
@@ -233,6 +236,22 @@ class TrainConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+def sampling_problems(prefix: str, temperatures, top_k, top_p, max_new_tokens) -> list[str]:
+    """Sampling settings that cannot draw: shared by `lmtrain.sample` and the samples written while training."""
+    problems = [
+        f"{prefix}temperature={t} must be 0 (greedy) or a positive finite number"
+        for t in temperatures
+        if not (math.isfinite(t) and t >= 0)
+    ]
+    if top_k is not None and top_k < 1:
+        problems.append(f"{prefix}top_k={top_k} must be at least 1 (or null for all ids)")
+    if top_p is not None and not 0 < top_p <= 1:
+        problems.append(f"{prefix}top_p={top_p} must be in (0, 1] (or null for no nucleus)")
+    if max_new_tokens < 0:
+        problems.append(f"{prefix}max_new_tokens={max_new_tokens} must not be negative")
+    return problems
+
+
 @dataclass
 class SampleConfig:
     """`python -m lmtrain.sample`: prompts x temperatures from a checkpoint, the lesson's generate_samples."""
@@ -251,6 +270,12 @@ class SampleConfig:
     device: str = "auto"  # auto: cuda when present, else cpu
     mirror: str | None = "${oc.env:LMTRAIN_DATA_MIRROR,null}"  # for GPT-2's tokenizer files
     cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"
+
+    def problems(self) -> list[str]:
+        problems = sampling_problems("", self.temperatures, self.top_k, self.top_p, self.max_new_tokens)
+        if self.num_samples < 1:
+            problems.append(f"num_samples={self.num_samples} must be at least 1")
+        return problems
 
 
 @dataclass
@@ -306,8 +331,24 @@ def validate(cfg: DictConfig) -> None:
         problems += schema.problems() if hasattr(schema, "problems") else []
     problems += optim_problems(cfg.optim) + schedule_problems(cfg.optim, cfg.trainer.max_steps)
     problems += rules_between_groups(cfg)
+    for group in (*GROUPS, "optim", "callbacks"):  # the callbacks' paths name the run folder: left unresolved
+        tree = OmegaConf.to_container(cfg[group], resolve=group != "callbacks")
+        problems += nonfinite_problems(tree, f"{group}.")
+    if not 0 <= cfg.seed < 2**32:
+        problems.append(f"seed={cfg.seed} must be in [0, 2^32)")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def nonfinite_problems(tree: dict, prefix: str = "") -> list[str]:
+    """Every number in a config group is finite: optim.max_lr=inf, say, would train all-NaN weights."""
+    problems = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            problems += nonfinite_problems(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{prefix}{key}={value} must be a finite number")
+    return problems
 
 
 def choice_problems(schema, prefix: str) -> list[str]:
@@ -370,6 +411,15 @@ def rules_between_groups(cfg: DictConfig) -> list[str]:
         not (f.compile and f.compile_scope == "blocks" and "fsdp" in str(t.strategy).lower()),
         "fast.compile_scope=blocks compiles the blocks before FSDP wraps them: use fast.compile_scope=model",
     )
+    sample = cfg.callbacks.get("sample_text")
+    if sample is not None:
+        problems += sampling_problems(
+            "callbacks.sample_text.",
+            [sample.get("temperature", 0.8)],
+            sample.get("top_k", 40),
+            None,
+            sample.get("max_new_tokens", 200),
+        )
     return problems
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .checkpointing import load_checkpoint
 from .cli import command
 from .errors import UserError
 from .model import GPT
 from .module import gpt_config
-from .tokenizer import from_state
+from .tokenizer import encode_prompt, from_state
 
 
 def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str | None):
@@ -38,12 +38,25 @@ def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str
     return model.to(device).eval(), tokenizer
 
 
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA where there is one, else the CPU; any other name must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"device={name!r} is not a device name; use auto, cpu or cuda") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but this machine has no CUDA GPU; use device=cpu or device=auto")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device={name}: lmtrain samples on cpu or cuda; use device=auto")
+    return device
+
+
 def stream_sample(model: GPT, tokenizer, prompt: str, generator: torch.Generator, out=sys.stdout, **options) -> str:
     """Generate from `prompt`, writing the text as tokens arrive; returns the whole text."""
     device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise UserError("an empty prompt has no tokens to start from; give each prompt at least one character")
+    ids = encode_prompt(tokenizer, prompt, "prompts")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     text = tokenizer.decode(ids)
     out.write(text)
@@ -58,10 +71,10 @@ def stream_sample(model: GPT, tokenizer, prompt: str, generator: torch.Generator
 
 
 def sample(cfg: DictConfig) -> None:
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    problems = OmegaConf.to_object(cfg).problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    device = pick_device(cfg.device)
     model, tokenizer = load_model(cfg.ckpt_path, device, cfg.cache_dir, cfg.mirror)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     number = 0

@@ -27,6 +27,17 @@ class Tokenizer(Protocol):
     def state(self) -> dict: ...
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str, key: str) -> list[int]:
+    """A prompt's ids, or a UserError that names the setting `key` to change (not the corpus's tokenizer)."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except UserError as err:
+        raise UserError(f"{key}={prompt!r} cannot be encoded: {str(err).split(';')[0]}; change {key}") from err
+    if not ids:
+        raise UserError(f"{key}={prompt!r} has no tokens to start from; give it at least one character")
+    return ids
+
+
 def fingerprint(tokenizer: Tokenizer) -> str:
     """Short hash of a tokenizer's state: keys the token-id cache."""
     blob = json.dumps(tokenizer.state(), sort_keys=True, separators=(",", ":")).encode()

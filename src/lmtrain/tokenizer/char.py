@@ -26,7 +26,10 @@ class CharTokenizer:
         known[known] = self._codepoints[ids[known]] == codepoints[known]
         if not known.all():
             unknown = chr(int(codepoints[~known][0]))
-            raise UserError(f"character {unknown!r} is not in the char tokenizer's vocabulary; use tokenizer=bpe")
+            raise UserError(
+                f"character {unknown!r} is not in the char tokenizer's vocabulary (the corpus's characters); "
+                "leave it out of the text, or use a byte-level tokenizer (tokenizer=bpe or gpt2) for this corpus"
+            )
         return ids.tolist()
 
     def decode(self, ids) -> str:

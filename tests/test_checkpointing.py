@@ -62,3 +62,25 @@ def test_training_and_sampling_refuse_a_crafted_checkpoint(tmp_path):
     sampled = run_cli("lmtrain.sample", f"ckpt_path={path}")
     assert sampled.returncode == 2 and "refused without running" in sampled.stderr
     assert "Traceback" not in sampled.stderr and not marker.exists()
+
+
+def test_ckpt_path_last_resumes_the_highest_step_whatever_the_file_times(tmp_path):
+    from lmtrain.checkpointing import newest_matching_run, resolve_ckpt_path
+
+    from .conftest import compose
+
+    run = tmp_path / "run"
+    smoke_here(run, "trainer.max_steps=30", "checkpoint.every_n_steps=10", "checkpoint.keep_last=3")
+    folder = run / "checkpoints"
+    newest = folder / "step-000030.ckpt"
+    assert resolve_ckpt_path("last", run) == str(newest)
+    (folder / "step-000010.ckpt").touch()  # newest by time, oldest by step
+    (folder / "copy.ckpt").write_bytes((folder / "step-000020.ckpt").read_bytes())
+    assert resolve_ckpt_path("last", run) == str(newest)
+    newest.unlink()  # last.ckpt now dangles
+    assert resolve_ckpt_path("last", run) == str(folder / "step-000020.ckpt")
+    broken = tmp_path / "outputs" / "broken"
+    (broken / ".hydra").mkdir(parents=True)
+    (broken / ".hydra" / "config.yaml").write_text("model: [unclosed")
+    (broken / "checkpoints").mkdir()
+    assert newest_matching_run(compose("experiment=smoke"), tmp_path / "outputs") is None

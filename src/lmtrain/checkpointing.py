@@ -77,10 +77,11 @@ def newest_matching_run(cfg, outputs: Path) -> Path | None:
         p.parent.parent for p in outputs.glob("**/.hydra/config.yaml") if (p.parent.parent / CHECKPOINT_DIR).is_dir()
     ]
     for run in sorted(runs, key=lambda r: (r / CHECKPOINT_DIR).stat().st_mtime, reverse=True):
-        if (
-            any((run / CHECKPOINT_DIR).glob("*.ckpt"))
-            and comparable(OmegaConf.load(run / ".hydra/config.yaml")) == wanted
-        ):
+        try:
+            recorded = comparable(OmegaConf.load(run / ".hydra/config.yaml"))
+        except Exception:  # noqa: BLE001 - a damaged or foreign run folder is not the one to resume
+            continue
+        if recorded == wanted and any((run / CHECKPOINT_DIR).glob("*.ckpt")):
             return run
     return None
 
@@ -93,17 +94,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         load_checkpoint(ckpt_path, mmap=True)  # fail early, with a clear message, on a missing or broken file
         return ckpt_path
     folder = output_dir / CHECKPOINT_DIR
-    candidates = sorted(
-        (p for p in folder.glob("*.ckpt") if p.name != "best.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
-    )
-    for candidate in candidates:
+    resumable = {}  # global step -> file, by what each checkpoint says (a copy or a `touch` changes no step)
+    files = sorted(folder.glob("*.ckpt"), key=lambda p: (not p.name.startswith("step-"), p.name))  # ours first
+    for candidate in files:  # last.ckpt dangling, or a damaged file: passed over
         try:
             checkpoint = load_checkpoint(candidate, mmap=True)
         except UserError:
             continue
-        if "optimizer_states" in checkpoint:
-            return str(candidate)
-    raise UserError(
-        f"ckpt_path=last found no resumable checkpoint in {folder}; "
-        "point hydra.run.dir at the run folder to resume, or give ckpt_path=<file>"
-    )
+        if "optimizer_states" in checkpoint and isinstance(checkpoint.get("global_step"), int):
+            resumable.setdefault(checkpoint["global_step"], candidate.resolve())
+    if not resumable:
+        raise UserError(
+            f"ckpt_path=last found no resumable checkpoint in {folder}; "
+            "point hydra.run.dir at the run folder to resume, or give ckpt_path=<file>"
+        )
+    return str(resumable[max(resumable)])

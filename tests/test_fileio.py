@@ -3,6 +3,7 @@ no temporary file left, the previous file intact. The file systems are small tmp
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -78,3 +79,15 @@ def test_read_only_folders_are_named_before_any_work_is_lost(mount, tmp_path):
         result = run_cli(module, *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (module, result.stderr[-2000:])
         assert "not writable" in result.stderr.strip().splitlines()[-1], module
+
+
+def test_a_second_run_into_a_folder_in_use_stops_with_one_line(tmp_path):
+    from lmtrain.fileio import run_folder_lock
+
+    with run_folder_lock(tmp_path):
+        result = run_cli("lmtrain.train", "experiment=smoke", f"hydra.run.dir={tmp_path}", "trainer.max_steps=20")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"another run (pid {os.getpid()}) is writing {tmp_path}" in result.stderr
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tb").exists()
+    with run_folder_lock(tmp_path):  # released with its holder
+        pass

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -65,6 +66,30 @@ def write_failure(err: BaseException) -> str | None:
     if isinstance(err, OSError):
         return f"{err.strerror or err}; check the folder and its free space"
     return None
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path | str) -> Iterator[None]:
+    """Held while a run writes `folder`, so that a second run into it stops at once instead of mixing its files
+    in. An flock: it goes with the process, so a run killed with kill -9 leaves nothing to clean up."""
+    path = writable_folder(folder) / ".lock"
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise UserError(
+                f"another run (pid {holder}) is writing {folder}; wait for it to end, or give this one its own "
+                "folder with hydra.run.dir=<folder>"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def writable_folder(folder: Path | str) -> Path:

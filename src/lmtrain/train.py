@@ -9,6 +9,8 @@ Compose (Hydra) → validate → build (data, model, callbacks, Trainer) → fit
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,16 +20,22 @@ from .checkpointing import newest_matching_run, resolve_ckpt_path
 from .cli import command
 from .config import check_machine, validate
 from .errors import UserError
+from .fileio import run_folder_lock
 
 
 def train(cfg: DictConfig) -> float:
     """One training run from a composed config; returns its best val/loss (what a sweeper minimises)."""
     validate(cfg)
     check_machine(cfg)
-    import lightning as L
-
     if cfg.ckpt_path == "last":
         cfg.output_dir = str(run_to_resume(cfg))
+    with run_folder_lock(build.output_dir(cfg)) if launching_process() else nullcontext():
+        return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> float:
+    import lightning as L
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build.build_datamodule(cfg)
     datamodule.prepare_data()
@@ -42,6 +50,12 @@ def train(cfg: DictConfig) -> float:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(best) if best is not None else float(trainer.callback_metrics.get("val/loss", "nan"))
+
+
+def launching_process() -> bool:
+    """Not one of the processes DDP starts for the other ranks (torchrun, SLURM or Lightning's launcher), which
+    write into the run folder of the first."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def run_to_resume(cfg: DictConfig) -> Path:

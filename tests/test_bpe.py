@@ -181,6 +181,9 @@ def test_save_load_gives_the_same_ids(tmp_path):
         (lambda s: json.dumps({k: v for k, v in json.loads(s).items() if k != "merges"}), "missing"),
         (lambda s: json.dumps({**json.loads(s), "merges": [[1, 99999]]}), "corrupt"),
         (lambda s: json.dumps({**json.loads(s), "byte_ids": [0] * 256}), "corrupt"),
+        (lambda s: json.dumps({**json.loads(s), "special_tokens": {"": 3000}}), "special token '' -> 3000"),
+        (lambda s: json.dumps({**json.loads(s), "special_tokens": {"<|x|>": 65}}), "special token '<|x|>' -> 65"),
+        (lambda s: json.dumps({**json.loads(s), "regex": "(unclosed"}), "regex does not compile"),
     ],
 )
 def test_bad_tokenizer_files_are_clear_errors(tmp_path, damage, words):
@@ -193,3 +196,14 @@ def test_bad_tokenizer_files_are_clear_errors(tmp_path, damage, words):
 def test_vocab_size_too_small_is_a_clear_error():
     with pytest.raises(UserError, match="vocab size"):
         train_bpe([CAT_CORPUS], 200, "gpt2")
+
+
+def test_decoding_an_id_outside_the_vocabulary_is_an_error_not_another_token():
+    from lmtrain.tokenizer.char import CharTokenizer
+
+    tokenizer = _shakespeare_tokenizer()
+    for bad in (-1, tokenizer.vocab_size):
+        with pytest.raises(UserError, match=f"token id {bad} is outside the vocabulary"):
+            tokenizer.decode([65, bad])
+    with pytest.raises(UserError, match="token id -1 is outside the char vocabulary"):
+        CharTokenizer("abc").decode([0, -1])

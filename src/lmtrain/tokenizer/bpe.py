@@ -150,6 +150,12 @@ class BPETokenizer:
     def decode_bytes(self, ids) -> bytes:
         specials = {v: k.encode("utf-8") for k, v in self.special_tokens.items()}
         table = self.token_bytes
+        ids = list(ids)
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise UserError(
+                f"token id {next(i for i in ids if not 0 <= i < self.vocab_size)} is outside the "
+                f"vocabulary 0..{self.vocab_size - 1}; decode ids this tokenizer made"
+            )
         try:
             return b"".join(specials[i] if i in specials else table[i] for i in ids)
         except (IndexError, TypeError) as err:
@@ -196,6 +202,24 @@ class BPETokenizer:
             raise UserError(f"{source} is missing or has a malformed field ({err}); the file is corrupt") from err
         if sorted(byte_ids) != list(range(256)):
             raise UserError(f"{source}: byte_ids must hold 256 distinct ids 0..255; the file is corrupt")
+        for index, (a, b) in enumerate(merges):
+            if not (0 <= a < 256 + index and 0 <= b < 256 + index):
+                raise UserError(f"{source}: merge {index} ({a}, {b}) joins an id not made yet; the file is corrupt")
+        first_special = 256 + len(merges)
+        for token, id_ in specials.items():
+            if not token or id_ < first_special or list(specials.values()).count(id_) > 1:
+                raise UserError(
+                    f"{source}: special token {token!r} -> {id_} must be a non-empty string with an id of its own "
+                    f"from {first_special} on (after the bytes and merges); the file is corrupt"
+                )
+        try:
+            import regex
+
+            regex.compile(regex_str)
+        except regex.error as err:
+            raise UserError(
+                f"{source}: its pre-tokenization regex does not compile ({err}); the file is corrupt"
+            ) from err
         return cls(merges, pattern, specials, byte_ids, regex_str)
 
     @classmethod
@@ -287,4 +311,3 @@ def from_gpt2_files(folder: Path | str) -> BPETokenizer:
             raise UserError(f"vocab.bpe merge {i} ({line}) does not create id {256 + i} in encoder.json")
     specials = {token: token_id for token, token_id in encoder.items() if token.startswith("<|")}
     return BPETokenizer(merges, "gpt2", specials, byte_ids)
-

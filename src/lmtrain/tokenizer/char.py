@@ -33,6 +33,10 @@ class CharTokenizer:
         return ids.tolist()
 
     def decode(self, ids) -> str:
+        ids = list(ids)
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise UserError(f"token id {bad} is outside the char vocabulary 0..{self.vocab_size - 1}")
         return "".join(self.chars[i] for i in ids)
 
     def state(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -149,4 +150,17 @@ def test_a_zero_width_is_named_not_a_crash():  # found by the override fuzz test
 )
 def test_settings_that_could_only_fail_later_are_refused_before_training(override, words):
     with pytest.raises(UserError, match=words):
+        validate(compose("experiment=smoke", override))
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("+trainer.max_step=2", "trainer.max_step is not a setting of lmtrain; did you mean trainer.max_steps?"),
+        ("+seeds=3", "seeds is not a setting of lmtrain; did you mean seed?"),
+        ("+model.cuda_graphs=true", "model.cuda_graphs moved to the fast group: use fast.cuda_graphs"),
+    ],
+)
+def test_a_key_added_with_plus_that_no_schema_has_is_refused(override, words):
+    with pytest.raises(UserError, match=re.escape(words)):
         validate(compose("experiment=smoke", override))

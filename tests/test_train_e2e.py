@@ -181,3 +181,13 @@ def test_the_progress_bar_counts_optimizer_steps(tmp_path, monkeypatch):
         )
     description, completed, total = seen[-1]
     assert (completed, total) == (6, 6) and description.strip() == "Training"
+
+
+def test_a_run_without_an_evaluation_writes_valid_json_with_no_best(tmp_path):
+    smoke_here(tmp_path, "trainer.max_steps=20", "trainer.eval_interval=1000", "trainer.eval_at_start=false")
+
+    def refuse(constant):
+        raise AssertionError(f"summary.json holds {constant}, which JSON does not have")
+
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["best_val_loss"] is None and summary["steps"] == 20

@@ -237,7 +237,9 @@ class RunSummary(Callback):
             "eval_s": self.eval_s,
             "best_ckpt": best_ckpt or None,
         }
-        atomic_write_bytes(self.path, (json.dumps(summary, indent=2) + "\n").encode())
+        # JSON has no Infinity or NaN: a run without an evaluation has no best loss, null
+        summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+        atomic_write_bytes(self.path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
         print("summary: " + json.dumps(summary), flush=True)
 
 

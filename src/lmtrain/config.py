@@ -6,6 +6,7 @@ The YAML files in conf/ fill these schemas, so an unknown key or a wrong type fa
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
@@ -324,7 +325,9 @@ GROUPS = ("model", "fast", "data", "tokenizer", "trainer", "checkpoint")
 def validate(cfg: DictConfig) -> None:
     """Every problem types cannot catch, in one UserError: `key=value …; fix`. Each group's schema checks its
     own fields; the rules between groups are in rules_between_groups."""
-    problems = []
+    problems = unknown_key_problems(cfg)
+    if problems:  # a schema cannot be built with keys it does not have
+        raise UserError("; ".join(problems))
     for group in GROUPS:
         schema = OmegaConf.to_object(cfg[group])
         problems += choice_problems(schema, group)
@@ -338,6 +341,21 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"seed={cfg.seed} must be in [0, 2^32)")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def unknown_key_problems(cfg: DictConfig) -> list[str]:
+    """Keys the schemas do not have: Hydra's `+key=value` adds them past the schema (`+trainer.max_step=2`)."""
+    problems = []
+    for prefix, node in [("", cfg), *((f"{group}.", cfg[group]) for group in (*GROUPS, "optim"))]:
+        schema = OmegaConf.get_type(node)
+        if not is_dataclass(schema):
+            continue
+        known = {f.name for f in fields(schema)}
+        for key in set(node.keys()) - known - {"hydra"}:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else "see the keys with --cfg job"
+            problems.append(moved_key_hint(prefix + key) or f"{prefix}{key} is not a setting of lmtrain; {hint}")
+    return sorted(problems)
 
 
 def nonfinite_problems(tree: dict, prefix: str = "") -> list[str]:

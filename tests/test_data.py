@@ -118,3 +118,22 @@ def test_random_windows_depend_only_on_seed_rank_and_index():
 def test_full_pass_covers_the_split_once():
     starts = torch.cat(full_pass_starts(1000, 16, 8))
     assert torch.equal(starts, torch.arange(0, 984, 16))
+
+
+def test_only_regular_files_are_read_links_fifos_and_devices_are_named(tmp_path):
+    import os
+
+    from lmtrain.sources import read_text
+
+    (tmp_path / "folder.txt").mkdir()  # a folder whose name ends in .txt
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")  # read whole, it would never end
+    os.mkfifo(tmp_path / "fifo.txt")  # read, it would block
+    with pytest.raises(UserError, match="holds no readable .txt files"):
+        read_text(tmp_path)
+    for name in ("loop.txt", "dangling.txt", "zero.txt", "fifo.txt"):
+        with pytest.raises(UserError, match=f"{name} is not a regular file"):
+            read_text(tmp_path / name)
+    (tmp_path / "real.txt").write_text("some text")
+    assert read_text(tmp_path) == "some text"

@@ -74,17 +74,20 @@ def _download(remote: Remote) -> bytes:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 file, or the .txt files of a folder in name order joined by newlines."""
+    """A UTF-8 file, or the .txt files of a folder in name order joined by newlines. Only regular files are read:
+    a FIFO would block and a device such as /dev/zero never ends; dangling and looping links lead nowhere."""
     path = Path(path).expanduser()
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
+        files = sorted(f for f in path.rglob("*.txt") if f.is_file())
         if not files:
-            raise UserError(f"the folder {path} holds no .txt files; set data.path to a UTF-8 file or such a folder")
+            raise UserError(
+                f"the folder {path} holds no readable .txt files (regular files; folders, FIFOs, devices and broken "
+                "links are passed over); set data.path to a UTF-8 file or such a folder"
+            )
         return "\n".join(_read_utf8(f) for f in files)
-    if not path.exists():
-        raise UserError(
-            f"data file {path} does not exist; set data.path to a UTF-8 text file or a folder of .txt files"
-        )
+    if not path.is_file():
+        what = "does not exist" if not (path.exists() or path.is_symlink()) else "is not a regular file"
+        raise UserError(f"data file {path} {what}; set data.path to a UTF-8 text file or a folder of .txt files")
     return _read_utf8(path)
 
 

@@ -143,7 +143,7 @@ def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(UserError, match="free some disk space.*previous file is intact"):
+    with pytest.raises(UserError, match="the disk is full; free some space.*previous file is intact"):
         io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
     assert target.read_bytes() == before
     assert list(tmp_path.iterdir()) == [target]  # no temporary file left

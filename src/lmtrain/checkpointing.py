@@ -101,8 +101,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             checkpoint = load_checkpoint(candidate, mmap=True)
         except UserError:
             continue
-        if "optimizer_states" in checkpoint and isinstance(checkpoint.get("global_step"), int):
-            resumable.setdefault(checkpoint["global_step"], candidate.resolve())
+        if "optimizer_states" in checkpoint:
+            step = checkpoint.get("global_step")
+            resumable.setdefault(step if isinstance(step, int) else -1, candidate.resolve())
     if not resumable:
         raise UserError(
             f"ckpt_path=last found no resumable checkpoint in {folder}; "

@@ -13,7 +13,7 @@ from ..model import GPT, sample_next
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class _Loss(torch.nn.Module):
+class LossModule(torch.nn.Module):
     """A loss function as a module of the GPT's parameters: what make_graphed_callables captures."""
 
     def __init__(self, model: GPT, loss: LossFunction):
@@ -32,7 +32,7 @@ def capture_loss(model: GPT, loss: LossFunction, x: torch.Tensor, y: torch.Tenso
         torch.random.fork_rng(devices=[x.device] if x.is_cuda else []),
         torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False),
     ):  # autocast's weight cache would freeze the weights the capture cast
-        graphed = torch.cuda.make_graphed_callables(_Loss(model, loss), (x, y), allow_unused_input=True)
+        graphed = torch.cuda.make_graphed_callables(LossModule(model, loss), (x, y), allow_unused_input=True)
     return graphed.forward  # a function: the module would join the module tree and its checkpoints
 
 

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..precision import autocast_dtype
 from .compile import GRAPH_MODES
-from .cuda_graphs import _Loss, capture_loss
+from .cuda_graphs import LossModule, capture_loss
 from .weight_copies import WeightCopies
 
 
@@ -26,7 +26,7 @@ class FastTraining(Callback):
         config = self.config
         if config.cast_weights_once:
             self.copies = WeightCopies(module.model, self.dtype)
-            module.train_loss = partial(_loss_with, _Loss(module.model, module.train_loss), self.copies.copies)
+            module.train_loss = partial(_loss_with, LossModule(module.model, module.train_loss), self.copies.copies)
             optimizer.register_step_post_hook(lambda *_: self.copies.refresh())
         if config.compile and config.compile_scope == "model":
             module.train_loss = torch.compile(module.train_loss, mode=config.compile_mode)
@@ -59,6 +59,6 @@ class FastTraining(Callback):
         self.before_zero_grad()
 
 
-def _loss_with(loss: _Loss, copies: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _loss_with(loss: LossModule, copies: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The loss with the weight copies in place of the model's weights they copy."""
     return torch.func.functional_call(loss, {f"model.{name}": copy for name, copy in copies.items()}, (x, y))

@@ -392,7 +392,7 @@ def optim_problems(o) -> list[str]:
 
 
 def rules_between_groups(cfg: DictConfig) -> list[str]:
-    """What one group's setting requires of another's, the device included."""
+    """What one group's setting requires of another's (the machine's devices: check_machine)."""
     m, f, t, d = cfg.model, cfg.fast, cfg.trainer, cfg.data
     precision = PRECISIONS.get(t.precision)
     problems = []

@@ -248,7 +248,7 @@ def sampling_problems(prefix: str, temperatures, top_k, top_p, max_new_tokens) -
         problems.append(f"{prefix}top_k={top_k} must be at least 1 (or null for all ids)")
     if top_p is not None and not 0 < top_p <= 1:
         problems.append(f"{prefix}top_p={top_p} must be in (0, 1] (or null for no nucleus)")
-    if max_new_tokens < 0:
+    if max_new_tokens is not None and max_new_tokens < 0:
         problems.append(f"{prefix}max_new_tokens={max_new_tokens} must not be negative")
     return problems
 
@@ -431,12 +431,10 @@ def rules_between_groups(cfg: DictConfig) -> list[str]:
     )
     sample = cfg.callbacks.get("sample_text")
     if sample is not None:
+        temperature = sample.get("temperature")  # a key left out keeps SampleText's own default
+        temperatures = [] if temperature is None else [temperature]
         problems += sampling_problems(
-            "callbacks.sample_text.",
-            [sample.get("temperature", 0.8)],
-            sample.get("top_k", 40),
-            None,
-            sample.get("max_new_tokens", 200),
+            "callbacks.sample_text.", temperatures, sample.get("top_k"), None, sample.get("max_new_tokens")
         )
     return problems
 

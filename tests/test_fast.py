@@ -32,9 +32,14 @@ from .conftest import SHAKESPEARE, compose, run_cli
 @pytest.fixture
 def kernel_device():
     """Tensors made in the test on the GPU where there is one (Triton runs there), else on the CPU, where the
-    kernels run in Triton's interpreter."""
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        yield
+    kernels run in Triton's interpreter. fp32 matmuls in full precision (no TF32 left by a training test)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 @pytest.mark.parametrize(

@@ -110,12 +110,12 @@ class InProcessRun:
 
 def train_here(run_dir: Path, *overrides: str) -> InProcessRun:
     """`python -m lmtrain.train <overrides> hydra.run.dir=<run_dir>` inside the pytest process (no second import
-    of torch and Lightning): a UserError, or a bad override, is the CLI's exit 2 with its `error: ...` line,
-    any other exception fails the test with its traceback. `ckpt_path=last` needs Hydra's run: use `smoke`."""
+    of torch and Lightning): a UserError, or a bad override, is the CLI's exit 2 with its `error: ...` line, a
+    stop by signal its exit 128 + the signal, any other exception fails the test with its traceback. `ckpt_path=last` needs Hydra's run: use `smoke`."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from lmtrain.errors import UserError, describe_hydra_error, one_line
+    from lmtrain.errors import StoppedBySignal, UserError, describe_hydra_error, one_line
     from lmtrain.train import train
 
     printed = io.StringIO()
@@ -126,6 +126,8 @@ def train_here(run_dir: Path, *overrides: str) -> InProcessRun:
                 best = train(cfg)
         except UserError as err:
             return InProcessRun(2, printed.getvalue(), f"error: {one_line(err)}\n", err)
+        except StoppedBySignal as stop:
+            return InProcessRun(128 + stop.signum, printed.getvalue() + str(stop), "", stop)
         except (HydraException, OmegaConfBaseException) as err:
             return InProcessRun(2, printed.getvalue(), f"error: {describe_hydra_error(err)}\n", err)
         finally:

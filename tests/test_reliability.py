@@ -16,6 +16,7 @@ import torch
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lightning.pytorch.callbacks import Callback
 from omegaconf.errors import OmegaConfBaseException
 
 from lmtrain.checkpointing import AtomicCheckpointIO, load_checkpoint, resolve_ckpt_path
@@ -24,7 +25,7 @@ from lmtrain.fileio import atomic_write_bytes
 from lmtrain.tokenizer.bpe import BPETokenizer
 from lmtrain.train import train
 
-from .conftest import REPO, compose, process_state_kept, scalars, smoke
+from .conftest import REPO, compose, process_state_kept, scalars, smoke, smoke_here, train_here
 
 ARGS = ["trainer.max_steps=240", "checkpoint.every_n_steps=20", "trainer.eval_interval=40"]
 
@@ -105,11 +106,57 @@ def test_sigterm_saves_a_checkpoint_stops_cleanly_and_resumes(tmp_path):
     wait_for_a_new_checkpoint(run)
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=60)
-    assert process.returncode == 0
+    assert process.returncode == 128 + signal.SIGTERM  # 143, as a shell reports it: not a finished run
     assert "stopped by SIGTERM after step" in out and "resume with: python -m lmtrain.train" in out
     step = load_checkpoint(resolve_ckpt_path("last", run))["global_step"]
     smoke(run, "trainer.max_steps=5000", "ckpt_path=last", "trainer.max_steps=" + str(step + 10))
     assert json.loads((run / "summary.json").read_text())["steps"] == step + 10
+
+
+class SendSignalAt(Callback):
+    """Sends this process `signum` at the end of micro-batch number `micro_batch` (from 1) of the run; counts the
+    micro-batches that ended, in `SendSignalAt.ended`."""
+
+    ended = 0
+
+    def __init__(self, micro_batch: int, signum: int):
+        self.micro_batch, self.signum = micro_batch, signum
+        SendSignalAt.ended = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        SendSignalAt.ended += 1
+        if SendSignalAt.ended == self.micro_batch:
+            os.kill(os.getpid(), self.signum)
+
+
+ACCUMULATED = [
+    "trainer.max_steps=30", "trainer.accumulate_grad_batches=4", "trainer.eval_interval=10", "optim.warmup_steps=3",
+    "checkpoint.every_n_steps=5", "model.dropout=0.1", "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_the_next_micro_batch_and_the_resumed_run_is_exact(tmp_path, signum):
+    """Two micro-batches into step 12 of 4: no waiting for the step's end, no evaluation Lightning adds on a
+    stop, a checkpoint of step 11 (the first not written by every_n_steps), and the resumed run redoes step 12
+    from the RNG state it began with (dropout draws from it), ending as the uninterrupted run."""
+    reference = smoke_here(tmp_path / "reference", *ACCUMULATED)
+    run = tmp_path / "stopped"
+    signal_at = [f"+callbacks.signal._target_={__name__}.SendSignalAt", f"+callbacks.signal.signum={int(signum)}"]
+    stopped = train_here(run, "experiment=smoke", *ACCUMULATED, *signal_at, "+callbacks.signal.micro_batch=46")
+    assert stopped.returncode == 128 + signum and SendSignalAt.ended == 46
+    assert f"stopped by {signal.Signals(signum).name} after step 11" in stopped.stdout
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 11 and os.readlink(run / "checkpoints" / "last.ckpt") == "step-000011.ckpt"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 11
+    evaluated = [step for step, _ in scalars(tmp_path / "reference")["val/loss"] if step <= 11]
+    assert [step for step, _ in scalars(run)["val/loss"]] == evaluated  # those of the steps taken, no more
+    smoke_here(run, *ACCUMULATED, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    logged_reference, logged_run = scalars(tmp_path / "reference"), scalars(run)
+    for tag in ("train/loss", "train/grad_norm", "val/loss"):
+        assert sorted(set(logged_run[tag])) == logged_reference[tag], tag
+    a, b = weights(tmp_path / "reference"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), reference.stdout[-500:]
 
 
 def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path):

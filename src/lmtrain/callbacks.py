@@ -26,7 +26,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .checkpointing import capture_rng_state, restore_rng_state
+from .errors import StoppedBySignal
 from .fileio import atomic_write_bytes
+from .lightning_patches import rewind_to_step_start
 from .tokenizer import encode_prompt
 
 
@@ -214,8 +217,15 @@ class RunSummary(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"val/loss_best": self.best["val_loss"]}, step=trainer.global_step)
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, StoppedBySignal):  # the run so far, up to the checkpoint it resumes from
+            self.write(trainer)
+
+    @rank_zero_only
+    def write(self, trainer: L.Trainer) -> None:
         start_time, start_step = self._start or (time.perf_counter(), trainer.global_step)
         wall = time.perf_counter() - start_time
         best_ckpt = next(
@@ -247,22 +257,30 @@ STEP_FILE = re.compile(r"step-(\d+)\.ckpt")
 
 
 class ResumeCheckpoints(Checkpoint):
-    """Full checkpoints to resume from (model, optimizer, schedule, RNG streams), step-NNNNNN.ckpt: every
-    `every_n_steps` optimizer steps, the newest `keep_last` kept; when training ends; and when SIGTERM or Ctrl-C
-    stops it, which finishes the optimizer step in progress and prints the command that resumes (a second Ctrl-C
-    interrupts at once). On a step that also evaluates, the checkpoint is written after the evaluation: Lightning
-    does not repeat the evaluation of the step it resumes at. `last.ckpt` links the newest, replaced atomically."""
+    """Full checkpoints to resume from (model, optimizer, schedule, loops, RNG streams), step-NNNNNN.ckpt: every
+    `every_n_steps` optimizer steps, the newest `keep_last` kept, and when training ends. On a step that also
+    evaluates, the checkpoint is written after the evaluation: Lightning does not repeat the evaluation of the
+    step it resumes at. `last.ckpt` links the newest, replaced atomically.
+
+    SIGTERM or Ctrl-C stops training at the next micro-batch: the checkpoint is that of the last optimizer step
+    (a step in progress is redone on resume, from the RNG state it began with), and StoppedBySignal ends fit
+    without the evaluation Lightning runs on a stop. With several processes the ranks agree on a stop once per
+    logging interval, at the end of a step. A second Ctrl-C interrupts at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, dirpath: str, every_n_steps: int, keep_last: int, eval_interval: int):
         self.dirpath = Path(dirpath)
         self.every_n_steps, self.keep_last, self.eval_interval = every_n_steps, keep_last, eval_interval
-        self.received: int | None = None  # the signal that stops training
+        self.received: int | None = None  # the signal that arrived
+        self.stopping = False  # a stop agreed on (by every rank)
         self.step_done: int | None = None  # the optimizer step whose end was handled
         self.after_evaluation: int | None = None  # the step whose checkpoint waits for its evaluation
         self.saved_step: int | None = None
         self.previous_handlers: dict = {}
+        self.rng_to_restore: dict | None = None  # from the checkpoint resumed, for the first micro-batch
+        self.rng_at_step_start: dict | None = None
+        self.micro_batches_into_step = 0  # when saving: those the checkpoint leaves for the resumed run to redo
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step_done = trainer.global_step
@@ -275,47 +293,81 @@ class ResumeCheckpoints(Checkpoint):
             raise KeyboardInterrupt
         self.received = signum
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.rng_to_restore is not None:  # the first micro-batch after a resume continues the saved streams
+            restore_rng_state(self.rng_to_restore)
+            self.rng_to_restore = None
+        if trainer.accumulate_grad_batches > 1 and batch_idx % trainer.accumulate_grad_batches == 0:
+            self.rng_at_step_start = capture_rng_state()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self.step_done:  # a micro-batch within the optimizer step
+        step_ended = step != self.step_done
+        self.stopping = self.stopping or self.stop_agreed(trainer, step_ended)
+        if not step_ended:  # a micro-batch within the optimizer step
+            if self.stopping:
+                self.micro_batches_into_step = batch_idx % trainer.accumulate_grad_batches + 1
+                self.stop(trainer)
             return
         self.step_done = step
-        stop = self.stop_requested(trainer)
-        if stop:
-            trainer.should_stop = True
-        if stop or step % self.every_n_steps == 0:
-            if trainer.enable_validation and step % self.eval_interval == 0:
-                self.after_evaluation = step
-            else:
-                self.save(trainer)
+        if not (self.stopping or step % self.every_n_steps == 0):
+            return
+        if trainer.enable_validation and step % self.eval_interval == 0:
+            self.after_evaluation = step
+            return
+        self.save(trainer)
+        if self.stopping:
+            self.stop(trainer)
 
-    def stop_requested(self, trainer: L.Trainer) -> bool:
-        """Whether a signal arrived; with several processes, whether one did on any, agreed once per logging
-        interval so that every rank stops at the same step."""
+    def stop_agreed(self, trainer: L.Trainer, step_ended: bool) -> bool:
+        """Whether a signal arrived; with several processes, whether one did on any, asked at the end of a step
+        once per logging interval, so that every rank stops at the same point."""
         if trainer.world_size > 1:
-            if trainer.global_step % trainer.log_every_n_steps:
+            if not step_ended or trainer.global_step % trainer.log_every_n_steps:
                 return False
             if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
                 self.received = self.received or signal.SIGTERM
         return self.received is not None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.after_evaluation == trainer.global_step:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:  # not the evaluation before training
+            return
+        self.stopping = self.stopping or (trainer.world_size == 1 and self.received is not None)
+        if self.after_evaluation == trainer.global_step or self.stopping:
             self.save(trainer)
             self.after_evaluation = None
+        if self.stopping:
+            self.stop(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self.save(trainer)
+        self.save(trainer)
         self.restore_handlers()
-        if self.received is not None and trainer.is_global_zero:
-            print(
-                f"\nstopped by {signal.Signals(self.received).name} after step {trainer.global_step}: "
-                f"checkpoint {path}\nresume with: {resume_command()}",
-                flush=True,
-            )
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.restore_handlers()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.micro_batches_into_step:
+            rewind_to_step_start(checkpoint, self.micro_batches_into_step)
+            checkpoint["rng_state"] = self.rng_at_step_start
+        else:
+            checkpoint["rng_state"] = capture_rng_state()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.rng_to_restore = checkpoint.get("rng_state")
+
+    def stop(self, trainer: L.Trainer) -> None:
+        """Write the checkpoint of the last optimizer step, then end fit."""
+        path = self.save(trainer)
+        self.micro_batches_into_step = 0
+        signum = self.received or signal.SIGTERM
+        message = ""
+        if trainer.is_global_zero:
+            message = (
+                f"\nstopped by {signal.Signals(signum).name} after step {trainer.global_step}: "
+                f"checkpoint {path}\nresume with: {resume_command()}"
+            )
+        raise StoppedBySignal(signum, message)
 
     def save(self, trainer: L.Trainer) -> Path:
         """This step's checkpoint (written once), last.ckpt pointing at it, older ones beyond keep_last removed."""

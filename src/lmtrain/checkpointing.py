@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pickle
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -110,3 +112,28 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             "point hydra.run.dir at the run folder to resume, or give ckpt_path=<file>"
         )
     return str(resumable[max(resumable)])
+
+
+def capture_rng_state() -> dict:
+    """Every RNG stream a training step may draw from, in types the safe unpickler reads back."""
+    state = {
+        "python": random.getstate(),
+        "numpy": [np.asarray(x).tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

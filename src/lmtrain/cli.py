@@ -18,7 +18,15 @@ import hydra
 from omegaconf import DictConfig
 
 from . import config  # registers the schemas the configs name
-from .errors import EXIT_USER_ERROR, FULL_ERROR, UserError, describe_hydra_error, exit_on_user_error, one_line
+from .errors import (
+    EXIT_USER_ERROR,
+    FULL_ERROR,
+    UserError,
+    describe_hydra_error,
+    exit_on_signal_stop,
+    exit_on_user_error,
+    one_line,
+)
 from .fileio import write_failure
 
 
@@ -40,13 +48,14 @@ def command(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[],
     """The `main()` of a command: Hydra composes conf/<config_name>.yaml with the command line and runs `task`.
 
     A bad override or a UserError prints `error: <one line>` and exits 2; HYDRA_FULL_ERROR=1 shows the traceback.
+    Training stopped by a signal exits 128 + its number.
     `task`'s own module names the job, as if it were decorated with @hydra.main itself.
     """
 
     @functools.wraps(task)  # Hydra unwraps it to find the job's name and file
     def task_in_hydra(cfg: DictConfig) -> Any:
         _restore_full_error()
-        with exit_on_user_error():
+        with exit_on_user_error(), exit_on_signal_stop():
             return task(cfg)
 
     hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task_in_hydra)

@@ -18,6 +18,24 @@ class UserError(Exception):
     """A problem the user can fix: the message names the problem and the fix, on one line."""
 
 
+class StoppedBySignal(Exception):
+    """Training stopped on SIGTERM or Ctrl-C after writing the checkpoint it resumes from; the command exits
+    128 + the signal's number, as a shell does (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def exit_on_signal_stop() -> Iterator[None]:
+    try:
+        yield
+    except StoppedBySignal as stop:
+        print(stop, flush=True)
+        sys.exit(128 + stop.signum)
+
+
 def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from dataclasses import fields
 
 import lightning as L
-import numpy as np
 import torch
 
 from .errors import UserError
@@ -47,7 +45,6 @@ class LanguageModel(L.LightningModule):
         self.train_loss = self.model.loss
         self.eval_loss = self.model.loss
         self.keep_gradient_buffers = False
-        self._rng_to_restore = None
         self._unread_train_metrics = None  # (step, values on their way to the host, CUDA event)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,11 +64,6 @@ class LanguageModel(L.LightningModule):
         # Lightning frees the gradients before each evaluation; buffers accumulated in place must stay.
         if not self.keep_gradient_buffers:
             super().on_validation_model_zero_grad()
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._rng_to_restore is not None:  # first step after a resume: continue the saved RNG streams
-            restore_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.train_loss(*batch)
@@ -204,16 +196,14 @@ class LanguageModel(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
         }
 
-    # --- checkpoints: the RNG streams, so that a resumed run draws what the uninterrupted one would --
+    # --- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = capture_rng_state()
         self._write_train_metrics()
         for logger in self.loggers:  # flushed: a run killed after this checkpoint keeps the points logged before it
             logger.save()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._check_same_model(checkpoint.get("hyper_parameters", {}))
-        self._rng_to_restore = checkpoint.get("rng_state")
 
     @property
     def trainer_attached(self) -> bool:
@@ -250,27 +240,3 @@ def copy_to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.E
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
-
-
-def capture_rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": [np.asarray(x).tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -111,7 +111,8 @@ class InProcessRun:
 def train_here(run_dir: Path, *overrides: str) -> InProcessRun:
     """`python -m lmtrain.train <overrides> hydra.run.dir=<run_dir>` inside the pytest process (no second import
     of torch and Lightning): a UserError, or a bad override, is the CLI's exit 2 with its `error: ...` line, a
-    stop by signal its exit 128 + the signal, any other exception fails the test with its traceback. `ckpt_path=last` needs Hydra's run: use `smoke`."""
+    stop by signal its exit 128 + the signal, any other exception fails the test with its traceback.
+    `ckpt_path=last` needs Hydra's run: use `smoke`."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

@@ -130,8 +130,13 @@ class SendSignalAt(Callback):
 
 
 ACCUMULATED = [
-    "trainer.max_steps=30", "trainer.accumulate_grad_batches=4", "trainer.eval_interval=10", "optim.warmup_steps=3",
-    "checkpoint.every_n_steps=5", "model.dropout=0.1", "trainer.log_every_n_steps=1",
+    "trainer.max_steps=30",
+    "trainer.accumulate_grad_batches=4",
+    "trainer.eval_interval=10",
+    "optim.warmup_steps=3",
+    "checkpoint.every_n_steps=5",
+    "model.dropout=0.1",
+    "trainer.log_every_n_steps=1",
 ]
 
 

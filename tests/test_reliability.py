@@ -164,6 +164,42 @@ def test_a_signal_stops_at_the_next_micro_batch_and_the_resumed_run_is_exact(tmp
     assert all(torch.equal(a[k], b[k]) for k in a), reference.stdout[-500:]
 
 
+class PoisonWeightsAt(Callback):
+    """Sets one weight to NaN after optimizer step `step`, as a diverged update would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_non_finite_weights_are_never_written_as_best_or_last(tmp_path):
+    run = tmp_path / "run"
+    result = train_here(
+        run, "experiment=smoke", "trainer.max_steps=40", "trainer.eval_interval=10", "checkpoint.every_n_steps=10",
+        f"+callbacks.poison._target_={__name__}.PoisonWeightsAt", "+callbacks.poison.step=15",
+    )  # fmt: skip
+    assert result.returncode == 2 and "the weights at step 20 are not finite" in result.stderr
+    assert "last.ckpt still links the newest finite one" in result.stderr
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    best = load_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert last["global_step"] == 10 and not (run / "checkpoints" / "step-000020.ckpt").exists()
+    for checkpoint in (last, best):
+        assert all(w.isfinite().all() for w in checkpoint["state_dict"].values())
+
+
+def test_a_non_finite_loss_is_never_the_best(tmp_path):
+    from lmtrain.callbacks import BestCheckpoint
+
+    best = BestCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1)
+    trainer = type("Trainer", (), {"strategy": None})()
+    assert not best.check_monitor_top_k(trainer, torch.tensor(float("nan")))
+    assert best.check_monitor_top_k(trainer, torch.tensor(3.0))  # the first finite value is the best so far
+
+
 def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path):
     target = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "optimizer_states": []}, target)

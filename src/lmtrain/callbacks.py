@@ -27,7 +27,7 @@ from rich.progress import (
 )
 
 from .checkpointing import capture_rng_state, restore_rng_state
-from .errors import StoppedBySignal
+from .errors import StoppedBySignal, UserError
 from .fileio import atomic_write_bytes
 from .lightning_patches import rewind_to_step_start
 from .tokenizer import encode_prompt
@@ -253,6 +253,16 @@ class RunSummary(Callback):
         print("summary: " + json.dumps(summary), flush=True)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that a non-finite monitored value is never the best: Lightning takes the
+    first evaluation for the best whatever its value, and would keep diverged weights as best.ckpt."""
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is not None and not torch.isfinite(current):
+            return False
+        return super().check_monitor_top_k(trainer, current)
+
+
 STEP_FILE = re.compile(r"step-(\d+)\.ckpt")
 
 
@@ -374,6 +384,7 @@ class ResumeCheckpoints(Checkpoint):
         path = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
         if self.saved_step == trainer.global_step:
             return path
+        self.check_finite(trainer)
         trainer.save_checkpoint(path)  # on every rank: a collective under sharded strategies
         self.saved_step = trainer.global_step
         if trainer.is_global_zero:
@@ -383,6 +394,18 @@ class ResumeCheckpoints(Checkpoint):
             os.replace(link, self.dirpath / "last.ckpt")
             self.remove_old(trainer.global_step)
         return path
+
+    def check_finite(self, trainer: L.Trainer) -> None:
+        """Weights that are no longer finite are not saved: last.ckpt keeps linking the last finite step's."""
+        weights = list(trainer.lightning_module.parameters())
+        if torch.stack([w.isfinite().all() for w in weights]).all():
+            return
+        self.restore_handlers()
+        kept = "; last.ckpt still links the newest finite one" if (self.dirpath / "last.ckpt").exists() else ""
+        raise UserError(
+            f"the weights at step {trainer.global_step} are not finite (NaN or inf) and were not saved{kept}: "
+            "resume from a checkpoint with a lower optim.max_lr, more warmup, or precision=bf16"
+        )
 
     def remove_old(self, newest: int) -> None:
         """The step checkpoints before `newest` beyond the `keep_last` newest. Later ones, left by a run that

@@ -88,3 +88,33 @@ def test_optuna_search_minimises_best_val_loss(tmp_path):
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {"optim.max_lr", "optim.warmup_steps", "model.dropout"}
     assert 0 < results["best_value"] < 10
+
+
+def test_damaged_files_are_reported_as_damaged_not_read_as_a_wrong_best(multirun, tmp_path):
+    """TensorBoard's reader stops silently at a truncated record: the best loss read from what is left is not the
+    run's best, so the report says so, as for an unreadable overrides.yaml or samples.txt."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(multirun / "0", run)
+    (run / "report.md").unlink(missing_ok=True)
+    events = max((run / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_size)
+    whole = events.read_bytes()
+    events.write_bytes(whole[: len(whole) * 2 // 3])
+    (run / ".hydra" / "overrides.yaml").write_text("- trainer.max_steps=40\n- [unclosed\n")
+    (run / "samples.txt").write_bytes(b"=== step 10 ===\n\xff\xfe not text")
+    result = run_cli("lmtrain.report", str(run))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, result.stderr
+    assert any(f"{events.relative_to(run)} is damaged after byte" in w for w in warnings)
+    assert any("overrides.yaml could not be read" in w for w in warnings)
+    assert any("samples.txt could not be read" in w for w in warnings)
+    report = (run / "report.md").read_text()
+    assert "## Files that could not be read whole" in report and "points after it are missing" in report
+
+    shutil.copy(multirun / "0" / ".hydra" / "overrides.yaml", run / ".hydra" / "overrides.yaml")
+    (run / "samples.txt").write_text("=== step 10 ===\nROMEO:\n")
+    events.write_bytes(whole)  # whole again: no warning
+    result = run_cli("lmtrain.report", str(run))
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr

@@ -32,6 +32,7 @@ class Run:
     overrides: list[str]
     scalars: dict[str, Series]
     samples: dict[int, str] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)  # what could not be read, said in the report
 
     @property
     def name(self) -> str:
@@ -41,12 +42,26 @@ class Run:
         return self.scalars.get(tag, [])
 
 
-def read_scalars(run_dir: Path) -> dict[str, Series]:
-    """Every scalar TensorBoard holds for the run; a step logged twice (a resumed run) keeps its last value."""
+def read_scalars(run_dir: Path, damaged: list[str]) -> dict[str, Series]:
+    """Every scalar TensorBoard holds for the run; a step logged twice (a resumed run) keeps its last value.
+    TensorBoard's reader stops without a word at a truncated or corrupt record: such files go into `damaged`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 
     merged: dict[str, dict[int, float]] = {}
-    for event_file in sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+    event_files = [p for p in run_dir.rglob("events.out.tfevents.*") if p.is_file()]
+    for event_file in sorted(event_files, key=lambda p: p.stat().st_mtime):
+        try:
+            readable = sum(16 + len(record) for record in RawEventFileLoader(str(event_file)).Load())  # framing
+            size = event_file.stat().st_size
+        except OSError as err:
+            damaged.append(f"{event_file.relative_to(run_dir)} could not be read ({err.strerror}): left out")
+            continue
+        if readable < size:
+            damaged.append(
+                f"{event_file.relative_to(run_dir)} is damaged after byte {readable} of {size}: "
+                "the points after it are missing"
+            )
         reader = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
         reader.Reload()
         for tag in reader.Tags()["scalars"]:
@@ -54,18 +69,42 @@ def read_scalars(run_dir: Path) -> dict[str, Series]:
     return {tag: sorted(points.items()) for tag, points in merged.items()}
 
 
-def read_samples(run_dir: Path) -> dict[int, str]:
+def read_samples(run_dir: Path, damaged: list[str]) -> dict[int, str]:
     path = run_dir / "samples.txt"
     if not path.is_file():
         return {}
-    blocks = re.split(r"^=== step (\d+) ===\n", path.read_text(encoding="utf-8"), flags=re.M)
-    return {int(step): text.strip("\n") for step, text in zip(blocks[1::2], blocks[2::2])}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        damaged.append(f"samples.txt could not be read ({err.__class__.__name__}): its samples are left out")
+        return {}
+    blocks = re.split(r"^=== step (\d+) ===\n", text, flags=re.M)
+    if blocks[0].strip():
+        damaged.append("samples.txt has text before its first '=== step N ===' line: that text is left out")
+    return {int(step): sample.strip("\n") for step, sample in zip(blocks[1::2], blocks[2::2])}
+
+
+def read_overrides(run_dir: Path, damaged: list[str]) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        damaged.append(f".hydra/overrides.yaml could not be read ({err.__class__.__name__}): settings unknown")
+        return []
+    if overrides is None:
+        return []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        damaged.append(".hydra/overrides.yaml is not a list of overrides: settings unknown")
+        return []
+    return overrides
 
 
 def load_run(run_dir: Path) -> Run:
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    return Run(run_dir, overrides or [], read_scalars(run_dir), read_samples(run_dir))
+    damaged: list[str] = []
+    overrides = read_overrides(run_dir, damaged)
+    return Run(run_dir, overrides, read_scalars(run_dir, damaged), read_samples(run_dir, damaged), damaged)
 
 
 def find_runs(folder: Path) -> list[Run]:
@@ -299,6 +338,11 @@ def report(folder: Path) -> Path:
         )
     else:
         text = f"# Multirun {folder}\n\n{len(runs)} runs.\n\n" + multirun_table(runs)
+    damaged = [f"{run.name}: {what}" if run.path != folder else what for run in runs for what in run.damaged]
+    if damaged:
+        text += "\n## Files that could not be read whole\n\n" + "".join(f"- {what}\n" for what in damaged)
+        for what in damaged:
+            print(f"warning: {what}", file=sys.stderr)
     text += f"\n![train and val loss]({out_png.name})\n"
     atomic_write_bytes(out_md, text.encode())
     plot_runs(runs, out_png, title=str(folder))

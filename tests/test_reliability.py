@@ -355,3 +355,15 @@ def test_damaged_tokenizer_and_checkpoint_files_are_user_errors(tmp_path_factory
             load(path)
         except UserError as err:
             assert str(path) in str(err) or "tokenizer" in str(err)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.vocab_size=100000000000", "M parameters, whose training state needs"),  # refused before allocating
+        ("trainer.batch_size=1000000000000", "out of memory after step 0 with trainer.batch_size=1000000000000"),
+    ],
+)
+def test_sizes_beyond_the_memory_are_one_line_naming_the_setting(tmp_path, override, message):
+    result = train_here(tmp_path / "run", "experiment=smoke", override)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

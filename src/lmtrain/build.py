@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,8 @@ from .config import to_container, training_block_size, world_size
 from .data.datamodule import TextDataModule
 from .errors import UserError, one_line
 from .lightning_patches import skip_the_per_batch_sigterm_broadcast
-from .module import LanguageModel
+from .model import GPT
+from .module import LanguageModel, gpt_config
 
 # Batches are sliced on the device by the dataset itself: loader workers would only add copies.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -87,8 +89,10 @@ def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
 
 def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
     corpus = datamodule.corpus
+    model = model_arguments(cfg, corpus.tokenizer.vocab_size)
+    check_training_state_fits(model, cfg.trainer.accelerator)
     return LanguageModel(
-        model=model_arguments(cfg, corpus.tokenizer.vocab_size),
+        model=model,
         optim=to_container(cfg.optim),
         max_steps=cfg.trainer.max_steps,
         tokenizer_state=corpus.tokenizer.state(),
@@ -96,6 +100,33 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         tokenizer=corpus.tokenizer,
     )
+
+
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, AdamW's two moments
+
+
+def check_training_state_fits(model: dict, accelerator: str) -> None:
+    """A model whose weights, gradients and optimizer state alone exceed the device's memory is refused before
+    it is allocated (the allocation fails with a traceback, or the system's OOM killer ends the process)."""
+    with torch.device("meta"):  # shapes only: nothing allocated
+        parameters = sum(p.numel() for p in GPT(gpt_config(model)).parameters())
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        device, memory = "the GPU", torch.cuda.get_device_properties(0).total_memory
+    else:
+        device, memory = "this machine", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if needed > memory:
+        sizes = ", ".join(f"model.{key}={model[key]}" for key in ("vocab_size", "n_embd", "n_layer", "block_size"))
+        raise UserError(
+            f"the model ({sizes}) has {parameters / 1e6:,.0f} M parameters, whose training state needs "
+            f"{needed / 2**30:,.0f} GiB and {device} has {memory / 2**30:,.0f} GiB; make the model smaller"
+        )
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (a GPU), its CPU allocator's error, or Python's."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def apply_fast(cfg: DictConfig, module: LanguageModel) -> list:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from . import build
 from .checkpointing import newest_matching_run, resolve_ckpt_path
 from .cli import command
-from .config import check_machine, validate
+from .config import check_machine, training_block_size, validate
 from .errors import UserError
 from .fileio import run_folder_lock
 
@@ -45,9 +45,19 @@ def fit(cfg: DictConfig) -> float:
     trainer = build.build_trainer(cfg, callbacks, logger)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, build.output_dir(cfg))
     build.log_config(logger, cfg)
-    if ckpt_path is None and cfg.trainer.eval_at_start:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        if ckpt_path is None and cfg.trainer.eval_at_start:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except (MemoryError, RuntimeError) as err:
+        if not build.out_of_memory(err):
+            raise
+        t = cfg.trainer
+        raise UserError(
+            f"out of memory after step {trainer.global_step} with trainer.batch_size={t.batch_size} and "
+            f"block size {training_block_size(cfg)}: lower trainer.batch_size (raise trainer.accumulate_grad_batches "
+            "to keep the tokens per step) or the block size; the checkpoints written so far are kept"
+        ) from err
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(best) if best is not None else float(trainer.callback_metrics.get("val/loss", "nan"))
 

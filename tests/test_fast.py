@@ -508,7 +508,7 @@ def test_the_model_file_imports_no_speed_code():
 
 @pytest.mark.parametrize("preset", ["none", "compiled", "graphs", "max"])
 def test_every_fast_preset_composes_and_leaves_the_model_group_alone(preset):
-    cfg = compose("experiment=seed", f"fast={preset}")
+    cfg = compose("experiment=seed", "precision=bf16", f"fast={preset}")  # the presets' precision
     assert cfg.model == compose("experiment=seed").model
     module = _module(cfg)
     (training,) = fast.apply(module, cfg.fast, cfg.trainer.precision)

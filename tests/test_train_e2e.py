@@ -11,6 +11,7 @@ import torch
 
 from lmtrain.callbacks import StepProgressBar
 from lmtrain.check import accumulation_check
+from lmtrain.config import validate
 from lmtrain.errors import UserError
 from lmtrain.model import GPTConfig
 from lmtrain.module import LanguageModel
@@ -38,8 +39,10 @@ def test_smoke_run_writes_checkpoints_samples_summary_and_tensorboard(smoke_run)
     assert summary["steps"] == 60 and summary["best_step"] in (20, 40, 60)
     assert summary["best_val_ppl"] == pytest.approx(math.exp(summary["best_val_loss"]), rel=1e-5)
     assert summary["tokens_per_s"] > 0 and summary["best_ckpt"].endswith("best.ckpt")
-    summary_lines = [line for line in result.stdout.splitlines() if line.startswith("summary: {")]
-    assert len(summary_lines) == 1 and json.loads(summary_lines[0][len("summary: ") :]) == summary
+    # for a person, the end of the run: the best evaluation, the speed, where the files are
+    best_line = f"best val loss  {summary['best_val_loss']:.4f} at step {summary['best_step']} (perplexity"
+    assert best_line in result.stdout and f"{summary['best_val_bpc']:.3f} bits per character" in result.stdout
+    assert f"checkpoints    {run_dir / 'checkpoints'}" in result.stdout
 
     series = scalars(run_dir)
     assert TAGS <= set(series) and any(tag.startswith("lr") for tag in series)
@@ -191,3 +194,23 @@ def test_a_run_without_an_evaluation_writes_valid_json_with_no_best(tmp_path):
 
     summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
     assert summary["best_val_loss"] is None and summary["steps"] == 20
+
+
+def test_precision_auto_fits_the_machine_and_bf16_runs_on_a_cpu_too(tmp_path, capsys):
+    """The README's commands name precision=bf16; on a machine without a GPU they run (Lightning's CPU autocast),
+    saying once that fp32 is faster there; precision=auto, the default, picks that."""
+    cfg = compose()
+    validate(cfg)
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert cfg.trainer.precision == ("bf16-mixed" if gpu_bf16 else "32-true")
+    result = train_here(tmp_path / "run", "experiment=smoke", "precision=bf16", "trainer.max_steps=4",
+                        "optim.warmup_steps=0", "trainer.eval_interval=2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes = capsys.readouterr().err.count("note: precision=bf16 on the CPU")
+    assert notes == (0 if torch.cuda.is_available() else 1)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["best_val_loss"] < math.log(65)
+
+
+def test_a_run_shorter_than_its_warmup_names_the_override_to_add():
+    with pytest.raises(UserError, match=r"optim.warmup_steps=10 exceeds trainer.max_steps=3; add optim.warmup_steps=0"):
+        validate(compose("experiment=smoke", "trainer.max_steps=3"))

@@ -28,7 +28,12 @@ from .module import LanguageModel, gpt_config
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
+# Lightning's resume warning: the data position needs no state (ResumeCheckpoints says so instead).
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+# Its tip to install litlogger and the line that max_steps was reached (which the run's end says anyway).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "💡 Tip" not in record.getMessage() and "`Trainer.fit` stopped" not in record.getMessage()
+)
 
 
 @contextmanager
@@ -177,6 +182,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks,
+        enable_model_summary=False,  # the callbacks' ModelSize says what matters here
         logger=logger,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.output_dir,

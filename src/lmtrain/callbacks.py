@@ -51,9 +51,11 @@ def generate_text(pl_module: L.LightningModule, prompt: str, max_new_tokens: int
 
 class StepProgressBar(ProgressBar):
     """Rich progress in optimizer steps ("Training 120/600") and evaluation batches, redrawn `refresh_rate` times a
-    second. Lightning's RichProgressBar counts micro-batches against a total of optimizer steps (2400/600 under
-    accumulation of 4), titles the one endless epoch of a step-bounded run "Epoch 0/-2", and offers no public way
-    to change either."""
+    second, with the newest train loss, val loss and bpc, learning rate and tokens/s beside it, and a line per
+    evaluation above it. The numbers are those the module and Throughput already brought to the host at their
+    logging interval: the bar costs no device sync. Lightning's RichProgressBar counts micro-batches against a
+    total of optimizer steps (2400/600 under accumulation of 4), titles the one endless epoch of a step-bounded
+    run "Epoch 0/-2", and offers no public way to change either."""
 
     def __init__(self, refresh_rate: float = 10):
         super().__init__()
@@ -78,6 +80,7 @@ class StepProgressBar(ProgressBar):
                 TimeElapsedColumn(),
                 TextColumn("<"),
                 TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
                 refresh_per_second=self.refresh_rate,
             )
             self.progress.start()
@@ -85,16 +88,22 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start()
         if self.progress is not None:
-            self.train_task = self.progress.add_task("Training", total=trainer.max_steps, completed=trainer.global_step)
+            self.train_task = self.progress.add_task(
+                "Training", total=trainer.max_steps, completed=trainer.global_step, status=""
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.train_task is not None:
-            self.progress.update(self.train_task, completed=trainer.global_step)
+        if self.train_task is None:
+            return
+        update = {"completed": trainer.global_step}
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            update["status"] = status_line(trainer, pl_module)
+        self.progress.update(self.train_task, **update)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start()
         if self.progress is not None and not trainer.sanity_checking:
-            self.eval_task = self.progress.add_task("Validation", total=sum(trainer.num_val_batches))
+            self.eval_task = self.progress.add_task("Validation", total=sum(trainer.num_val_batches), status="")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
         if self.eval_task is not None:
@@ -104,6 +113,10 @@ class StepProgressBar(ProgressBar):
         if self.eval_task is not None:
             self.progress.remove_task(self.eval_task)
             self.eval_task = None
+        if self.progress is not None and not trainer.sanity_checking and trainer.is_global_zero:
+            self.progress.console.print(f"step {trainer.global_step:>6}  {status_line(trainer, pl_module)}")
+            if self.train_task is not None:
+                self.progress.update(self.train_task, status=status_line(trainer, pl_module))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.stop()
@@ -115,6 +128,46 @@ class StepProgressBar(ProgressBar):
         if self.progress is not None:
             self.progress.stop()
         self.progress = self.train_task = self.eval_task = None
+
+
+def status_line(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """The newest values on the host: "loss 2.61  val 2.64  bpc 3.81  lr 3.0e-04  17,506 tok/s"."""
+    metrics = getattr(pl_module, "host_metrics", {})
+    parts = [
+        f"{label} {metrics[key]:{form}}"
+        for label, key, form in (
+            ("loss", "train/loss", ".4f"),
+            ("val", "val/loss", ".4f"),
+            ("bpc", "val/bpc", ".3f"),
+        )
+        if key in metrics
+    ]
+    if trainer.optimizers:
+        parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.1e}")
+    if "train/tokens_per_s" in metrics:
+        parts.append(f"{metrics['train/tokens_per_s']:,.0f} tok/s")
+    return "  ".join(parts)
+
+
+class ModelSize(Callback):
+    """One line before the first step: the parameters without the embeddings (as nanoGPT and the lesson count
+    them) and with them, and the shape."""
+
+    def __init__(self):
+        self.shown = False
+
+    @rank_zero_only
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.shown:
+            return
+        self.shown = True
+        model, c = pl_module.model, pl_module.model.config
+        print(
+            f"model: {model.num_params(embeddings=False) / 1e6:.2f} M parameters, "
+            f"{model.num_params() / 1e6:.2f} M with the embeddings ({c.n_layer} layers, {c.n_head} heads, "
+            f"{c.n_embd} wide, block {c.block_size}, vocabulary {c.vocab_size})",
+            flush=True,
+        )
 
 
 class SampleText(Callback):
@@ -171,6 +224,8 @@ class Throughput(Callback):
             rate = (step - start_step) * self.tokens_per_step / (now - start_time)
             for logger in trainer.loggers:  # straight to them: Lightning's self.log would copy it to the device
                 logger.log_metrics({"train/tokens_per_s": rate}, step=step)
+            if hasattr(pl_module, "host_metrics"):
+                pl_module.host_metrics["train/tokens_per_s"] = rate
             self._since = (now, step)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -250,7 +305,26 @@ class RunSummary(Callback):
         # JSON has no Infinity or NaN: a run without an evaluation has no best loss, null
         summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
         atomic_write_bytes(self.path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
-        print("summary: " + json.dumps(summary), flush=True)
+        print(summary_table(summary, self.path), flush=True)
+
+
+def summary_table(summary: dict, path: Path) -> str:
+    """The end of a run, for a person: the best evaluation, the speed, where the files are."""
+    rows = []
+    if summary["best_val_loss"] is not None:
+        rows.append(
+            ("best val loss", f"{summary['best_val_loss']:.4f} at step {summary['best_step']} "
+             f"(perplexity {summary['best_val_ppl']:.2f}, {summary['best_val_bpc']:.3f} bits per character)")
+        )  # fmt: skip
+    rows += [
+        ("steps", f"{summary['steps']}"),
+        ("speed", f"{summary['tokens_per_s']:,.0f} tokens/s"),
+        ("wall time", f"{summary['wall_s']:.1f} s ({summary['eval_s']:.1f} s evaluating and sampling)"),
+        ("checkpoints", str(path.parent / "checkpoints")),
+        ("summary", str(path)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -294,6 +368,12 @@ class ResumeCheckpoints(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step_done = trainer.global_step
+        if trainer.ckpt_path and trainer.is_global_zero:  # instead of Lightning's "dataloader is not resumable"
+            print(
+                f"resumed from {trainer.ckpt_path} at step {trainer.global_step}: exactly, since micro-batch i is "
+                "drawn from (seed, i) and the RNG streams continue from the checkpoint",
+                flush=True,
+            )
         if threading.current_thread() is threading.main_thread():  # the only thread that may set signal handlers
             for signum in self.SIGNALS:
                 self.previous_handlers[signum] = signal.signal(signum, self.on_signal)
@@ -385,7 +465,7 @@ class ResumeCheckpoints(Checkpoint):
         if self.saved_step == trainer.global_step:
             return path
         self.check_finite(trainer)
-        trainer.save_checkpoint(path)  # on every rank: a collective under sharded strategies
+        trainer.save_checkpoint(path, weights_only=False)  # on every rank: a collective under sharded strategies
         self.saved_step = trainer.global_step
         if trainer.is_global_zero:
             link = self.dirpath / ".last.ckpt.tmp-link"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -174,7 +175,7 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: Any = "auto"
-    precision: str = choice(*PRECISIONS)  # set by the precision group
+    precision: str = choice("auto", *PRECISIONS)  # set by the precision group; auto: bf16-mixed on a GPU with it
     max_steps: int = 5000  # optimizer steps
     batch_size: int = 64  # micro-batch per device
     accumulate_grad_batches: int = 4
@@ -324,7 +325,8 @@ GROUPS = ("model", "fast", "data", "tokenizer", "trainer", "checkpoint")
 
 def validate(cfg: DictConfig) -> None:
     """Every problem types cannot catch, in one UserError: `key=value …; fix`. Each group's schema checks its
-    own fields; the rules between groups are in rules_between_groups."""
+    own fields; the rules between groups are in rules_between_groups. precision=auto is resolved first."""
+    resolve_auto_precision(cfg)
     problems = unknown_key_problems(cfg)
     if problems:  # a schema cannot be built with keys it does not have
         raise UserError("; ".join(problems))
@@ -341,6 +343,22 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"seed={cfg.seed} must be in [0, 2^32)")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def resolve_auto_precision(cfg: DictConfig) -> None:
+    """precision=auto: bf16-mixed where the GPU has bfloat16, else 32-true (the fastest exact choice of a CPU)."""
+    if OmegaConf.select(cfg, "trainer.precision") != "auto":
+        return
+    import torch
+
+    cfg.trainer.precision = "bf16-mixed" if trains_on_gpu(cfg) and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def trains_on_gpu(cfg: DictConfig) -> bool:
+    import torch
+
+    accelerator = cfg.trainer.accelerator
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def unknown_key_problems(cfg: DictConfig) -> list[str]:
@@ -444,6 +462,13 @@ def check_machine(cfg: DictConfig) -> None:
     problems = device_problems(cfg)
     if problems:
         raise UserError("; ".join(problems))
+    if PRECISIONS[cfg.trainer.precision].compute == "bfloat16" and not trains_on_gpu(cfg):
+        print(
+            "note: precision=bf16 on the CPU runs under CPU autocast, slower than fp32 on most CPUs; "
+            "precision=auto picks fp32 here and bf16 on a GPU",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def device_problems(cfg: DictConfig) -> list[str]:
@@ -453,15 +478,12 @@ def device_problems(cfg: DictConfig) -> list[str]:
 
     import torch
 
-    compute, accelerator = PRECISIONS[cfg.trainer.precision].compute, cfg.trainer.accelerator
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    compute, on_gpu = PRECISIONS[cfg.trainer.precision].compute, trains_on_gpu(cfg)
     problems = []
-    if compute == "bfloat16" and not (on_gpu and torch.cuda.is_bf16_supported()):
-        problems.append(
-            "precision=bf16 needs a GPU with bfloat16 (Ampere or newer) and there is none here; use precision=fp32"
-        )
+    if compute == "bfloat16" and on_gpu and not torch.cuda.is_bf16_supported():
+        problems.append("precision=bf16 needs a GPU with bfloat16 (Ampere or newer); use precision=auto or fp16")
     if compute == "float16" and not on_gpu:
-        problems.append("precision=fp16 needs a CUDA GPU; use precision=fp32 on the CPU")
+        problems.append("precision=fp16 needs a CUDA GPU; use precision=auto (fp32 on the CPU)")
     if cfg.fast.cuda_graphs and not (on_gpu and torch.cuda.is_available()):
         problems.append("fast.cuda_graphs=true replays CUDA graphs: it needs a CUDA GPU; set fast.cuda_graphs=false")
     triton_runs = on_gpu or os.environ.get("TRITON_INTERPRET") == "1"
@@ -498,8 +520,8 @@ def schedule_problems(o, max_steps: int) -> list[str]:
         (0 <= o.min_lr <= o.max_lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.max_lr={o.max_lr}"),
         (
             0 <= o.warmup_steps <= max_steps,
-            f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={max_steps}; "
-            "lower the warmup or train longer",
+            f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={max_steps}; add "
+            f"optim.warmup_steps={max_steps // 10} (a tenth of the run) or train longer",
         ),
     ]
     return [message for ok, message in checks if not ok]

@@ -46,6 +46,7 @@ class LanguageModel(L.LightningModule):
         self.eval_loss = self.model.loss
         self.keep_gradient_buffers = False
         self._unread_train_metrics = None  # (step, values on their way to the host, CUDA event)
+        self.host_metrics: dict[str, float] = {}  # the newest values logged, already on the host (the terminal's)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-token loss of token ids x (B, T) against targets y (B, T)."""
@@ -128,6 +129,7 @@ class LanguageModel(L.LightningModule):
             metrics["train/loss_spike"] = loss
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
+        self.host_metrics.update(metrics)
         self._check_nonfinite_streak(total, streak, step)
 
     def on_train_end(self) -> None:
@@ -171,6 +173,7 @@ class LanguageModel(L.LightningModule):
         values = {name: float(value) for name, value in metrics.items()}
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step)
+        self.host_metrics.update(values)
 
     # --- optimizer and schedule -----------------------------------------------------------------
     def optimizer_and_schedule(self, device_type: str, precision: str):

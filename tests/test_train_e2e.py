@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -43,6 +44,13 @@ def test_smoke_run_writes_checkpoints_samples_summary_and_tensorboard(smoke_run)
     best_line = f"best val loss  {summary['best_val_loss']:.4f} at step {summary['best_step']} (perplexity"
     assert best_line in result.stdout and f"{summary['best_val_bpc']:.3f} bits per character" in result.stdout
     assert f"checkpoints    {run_dir / 'checkpoints'}" in result.stdout
+    # while training: the model's size, a line per evaluation with the numbers the bar shows beside it
+    assert re.search(r"model: \d+\.\d\d M parameters, \d+\.\d\d M with the embeddings \(2 layers", result.stdout)
+    line = r"^step +(\d+)  loss (\d+\.\d{4})  val (\d+\.\d{4})  bpc \d\.\d{3}  lr"
+    evaluations = re.findall(line, result.stdout, re.M)
+    assert [int(step) for step, _, _ in evaluations] == [20, 40, 60]
+    logged = dict(scalars(run_dir)["val/loss"])
+    assert all(float(val) == pytest.approx(logged[int(step)], abs=1e-4) for step, _, val in evaluations)
 
     series = scalars(run_dir)
     assert TAGS <= set(series) and any(tag.startswith("lr") for tag in series)

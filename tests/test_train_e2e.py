@@ -18,7 +18,7 @@ from lmtrain.model import GPTConfig
 from lmtrain.module import LanguageModel
 from lmtrain.train import train
 
-from .conftest import compose, process_state_kept, run_cli, scalars, smoke_here, train_here
+from .conftest import REPO, compose, process_state_kept, run_cli, scalars, smoke_here, train_here
 
 TAGS = {"train/loss", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/ppl", "val/bpc"}
 
@@ -222,3 +222,12 @@ def test_precision_auto_fits_the_machine_and_bf16_runs_on_a_cpu_too(tmp_path, ca
 def test_a_run_shorter_than_its_warmup_names_the_override_to_add():
     with pytest.raises(UserError, match=r"optim.warmup_steps=10 exceeds trainer.max_steps=3; add optim.warmup_steps=0"):
         validate(compose("experiment=smoke", "trainer.max_steps=3"))
+
+
+def test_the_readmes_python_loads_a_checkpoint_with_its_tokenizer_and_generates(smoke_run, capsys):
+    run_dir, _ = smoke_run
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    exec(snippet.replace("outputs/<run>", str(run_dir)), {})  # as written, but for the run's folder
+    printed = capsys.readouterr().out
+    assert printed.startswith("ROMEO:\n") and len(printed) > len("ROMEO:\n") + 50

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import fields
 
@@ -14,6 +15,7 @@ from .lr_schedule import warmup_cosine
 from .model import GPT, GPTConfig
 from .optim import OptimConfig, build_optimizer, clip_gradients_
 from .precision import PRECISIONS, Precision
+from .tokenizer import from_state
 
 # What a checkpoint's weights depend on; dropout may change between runs.
 ARCHITECTURE = tuple(f.name for f in fields(GPTConfig) if f.name != "dropout")
@@ -40,7 +42,8 @@ class LanguageModel(L.LightningModule):
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         self.model = GPT(gpt_config(model))
         self.optim_config = OptimConfig(**optim)
-        self.tokenizer = tokenizer
+        # Lightning's load_from_checkpoint passes only the saved hyperparameters: the tokenizer comes from its state
+        self.tokenizer = tokenizer if tokenizer is not None else tokenizer_from_environment(tokenizer_state)
         # The plain loss; lmtrain.fast may swap faster forms of the same math in, and keep gradient buffers.
         self.train_loss = self.model.loss
         self.eval_loss = self.model.loss
@@ -232,6 +235,12 @@ class LanguageModel(L.LightningModule):
                 f"checkpoint {path} does not match the config: it has {', '.join(differences)}; resume with the "
                 "config it was trained with (its run's .hydra/config.yaml) or start a new run"
             )
+
+
+def tokenizer_from_environment(state: dict):
+    """The tokenizer of `state`, its files (GPT-2's) from LMTRAIN_CACHE and LMTRAIN_DATA_MIRROR as training reads."""
+    cache = os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")
+    return from_state(state, cache, os.environ.get("LMTRAIN_DATA_MIRROR"))
 
 
 def copy_to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

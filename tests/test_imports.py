@@ -115,3 +115,22 @@ def test_no_package_imports_itself_back():
     for name, targets in import_graph().items():
         packages.setdefault(package_of(name), set()).update(package_of(t) for t in targets)
     assert find_cycle({p: targets - {p} for p, targets in packages.items()}) is None
+
+
+def test_printing_the_config_and_the_help_import_no_training_stack():
+    """`--cfg job` and `--help` print from Hydra alone: Lightning (4 s of imports) is imported by the task."""
+    import subprocess
+    import sys
+
+    code = (
+        "import runpy, sys\n"
+        "for args in (['--cfg', 'job', 'experiment=smoke'], ['--help']):\n"
+        "    sys.argv = ['lmtrain.train', *args]\n"
+        "    try:\n"
+        "        runpy.run_module('lmtrain.train', run_name='__main__')\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False" and "schema" not in out  # no internal group in --help either

@@ -277,6 +277,8 @@ class SampleConfig:
         problems = sampling_problems("", self.temperatures, self.top_k, self.top_p, self.max_new_tokens)
         if self.num_samples < 1:
             problems.append(f"num_samples={self.num_samples} must be at least 1")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed={self.seed} must be in [0, 2^32)")
         return problems
 
 
@@ -294,10 +296,10 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="schedule_schema", node=ScheduleConfig)
-    cs.store(group="schema/tokenizer", name="gpt2", node=GPT2TokenizerConfig)
-    cs.store(group="schema/tokenizer", name="char", node=CharTokenizerConfig)
-    cs.store(group="schema/tokenizer", name="bpe", node=BPETokenizerConfig)
-    cs.store(group="schema/tokenizer", name="sentencepiece", node=SentencePieceTokenizerConfig)
+    cs.store(name="gpt2_tokenizer_schema", node=GPT2TokenizerConfig)
+    cs.store(name="char_tokenizer_schema", node=CharTokenizerConfig)
+    cs.store(name="bpe_tokenizer_schema", node=BPETokenizerConfig)
+    cs.store(name="sentencepiece_tokenizer_schema", node=SentencePieceTokenizerConfig)
 
 
 register_configs()
@@ -361,10 +363,10 @@ def trains_on_gpu(cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def unknown_key_problems(cfg: DictConfig) -> list[str]:
+def unknown_key_problems(cfg: DictConfig, groups: tuple[str, ...] = (*GROUPS, "optim")) -> list[str]:
     """Keys the schemas do not have: Hydra's `+key=value` adds them past the schema (`+trainer.max_step=2`)."""
     problems = []
-    for prefix, node in [("", cfg), *((f"{group}.", cfg[group]) for group in (*GROUPS, "optim"))]:
+    for prefix, node in [("", cfg), *((f"{group}.", cfg[group]) for group in groups)]:
         schema = OmegaConf.get_type(node)
         if not is_dataclass(schema):
             continue
@@ -528,7 +530,11 @@ def schedule_problems(o, max_steps: int) -> list[str]:
 
 
 def validate_schedule(cfg: DictConfig) -> None:
-    problems = schedule_problems(cfg.optim, cfg.trainer.max_steps)
+    problems = unknown_key_problems(cfg, ("optim", "trainer"))
+    if cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps} must be at least 1")
+    problems += schedule_problems(cfg.optim, cfg.trainer.max_steps)
+    problems += nonfinite_problems(OmegaConf.to_container(cfg.optim, resolve=True), "optim.")
     if problems:
         raise UserError("; ".join(problems))
 

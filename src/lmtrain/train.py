@@ -15,8 +15,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from . import build
-from .checkpointing import newest_matching_run, resolve_ckpt_path
 from .cli import command
 from .config import check_machine, training_block_size, validate
 from .errors import UserError
@@ -25,6 +23,7 @@ from .fileio import run_folder_lock
 
 def train(cfg: DictConfig) -> float:
     """One training run from a composed config; returns its best val/loss (what a sweeper minimises)."""
+    from . import build  # here, not above: `--cfg job` and `--help` print without importing Lightning
     validate(cfg)
     check_machine(cfg)
     if cfg.ckpt_path == "last":
@@ -35,6 +34,9 @@ def train(cfg: DictConfig) -> float:
 
 def fit(cfg: DictConfig) -> float:
     import lightning as L
+
+    from . import build
+    from .checkpointing import resolve_ckpt_path
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build.build_datamodule(cfg)
@@ -71,6 +73,8 @@ def launching_process() -> bool:
 def run_to_resume(cfg: DictConfig) -> Path:
     """ckpt_path=last: the folder given by hydra.run.dir, else the newest run under outputs/ with this config."""
     from hydra.core.hydra_config import HydraConfig
+
+    from .checkpointing import newest_matching_run
 
     hydra_cfg = HydraConfig.get()
     if any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra):

@@ -36,6 +36,8 @@ def cmd_train(args) -> None:
     from ..fileio import writable_folder
     from .bpe_train import train_bpe
 
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a folder; give a file name, e.g. --out {Path(args.out) / 'tok.json'}")
     writable_folder(Path(args.out).resolve().parent)  # before training: a tokenizer that cannot be saved is lost
     texts = read_inputs(args.inputs)
     progress, finish = _progress(args.vocab_size - 256 - len(args.special))
@@ -78,13 +80,16 @@ def cmd_encode(args) -> None:
 
 
 def read_ids(path: str) -> list[int]:
-    if path.endswith(".npy"):
-        import numpy as np
-
-        return np.load(path).tolist()
     try:
+        if path.endswith(".npy"):
+            import numpy as np
+
+            ids = np.load(path)
+            if ids.ndim != 1 or ids.dtype.kind not in "iu":
+                raise ValueError(f"an array of {ids.dtype} with shape {ids.shape}, not a row of integers")
+            return ids.tolist()
         return [int(token) for token in Path(path).read_text().split()]
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:  # a .npy cut short: EOFError
         raise UserError(
             f"could not read ids from {path} ({err}); give whitespace-separated integers or a .npy file"
         ) from err

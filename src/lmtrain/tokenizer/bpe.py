@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import UserError
 
 FORMAT, VERSION = "lmtrain-bpe", 1
+MAX_VOCAB = 2**32  # ids are saved as uint32 (`lmtrain.tokenizer encode --out`, the data cache)
 PATTERNS = {  # in the syntax of the `regex` package (\p{L}: any letter, \p{N}: any number)
     # GPT-2's split: contractions, letters, digits, other symbols, whitespace (trailing space kept apart)
     "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
@@ -198,7 +199,7 @@ class BPETokenizer:
             byte_ids = [int(i) for i in data["byte_ids"]]
             specials = {str(k): int(v) for k, v in data["special_tokens"].items()}
             pattern, regex_str = str(data["pattern"]), str(data["regex"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserError(f"{source} is missing or has a malformed field ({err}); the file is corrupt") from err
         if sorted(byte_ids) != list(range(256)):
             raise UserError(f"{source}: byte_ids must hold 256 distinct ids 0..255; the file is corrupt")
@@ -207,10 +208,10 @@ class BPETokenizer:
                 raise UserError(f"{source}: merge {index} ({a}, {b}) joins an id not made yet; the file is corrupt")
         first_special = 256 + len(merges)
         for token, id_ in specials.items():
-            if not token or id_ < first_special or list(specials.values()).count(id_) > 1:
+            if not token or not first_special <= id_ < MAX_VOCAB or list(specials.values()).count(id_) > 1:
                 raise UserError(
                     f"{source}: special token {token!r} -> {id_} must be a non-empty string with an id of its own "
-                    f"from {first_special} on (after the bytes and merges); the file is corrupt"
+                    f"from {first_special} on (after the bytes and merges) and below 2^32; the file is corrupt"
                 )
         try:
             import regex
@@ -225,11 +226,13 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: Path | str) -> BPETokenizer:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"tokenizer file {path} is a folder; give the .json file in it that `train --out` wrote")
         if not path.is_file():
             raise UserError(f"tokenizer file {path} does not exist; train one with `python -m lmtrain.tokenizer train`")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: [[[[...
             raise UserError(
                 f"tokenizer file {path} is truncated or not JSON ({err}); retrain or re-convert it"
             ) from err
@@ -300,14 +303,21 @@ def from_gpt2_files(folder: Path | str) -> BPETokenizer:
     try:
         encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
         lines = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise UserError(f"could not read GPT-2's encoder.json and vocab.bpe in {folder} ({err})") from err
-    byte_ids = [encoder[ch] for _, ch in sorted(bytes_to_unicode().items())]
-    merges = []
-    for i, line in enumerate(line for line in lines[1:] if line.strip()):
-        left, right = line.split()
-        merges.append((encoder[left], encoder[right]))
-        if encoder[left + right] != 256 + i:
-            raise UserError(f"vocab.bpe merge {i} ({line}) does not create id {256 + i} in encoder.json")
-    specials = {token: token_id for token, token_id in encoder.items() if token.startswith("<|")}
-    return BPETokenizer(merges, "gpt2", specials, byte_ids)
+    try:
+        byte_ids = [encoder[ch] for _, ch in sorted(bytes_to_unicode().items())]
+        merges = []
+        for i, line in enumerate(line for line in lines[1:] if line.strip()):
+            left, right = line.split()
+            merges.append((encoder[left], encoder[right]))
+            if encoder[left + right] != 256 + i:
+                raise UserError(f"vocab.bpe merge {i} ({line}) does not create id {256 + i} in encoder.json")
+        specials = {token: token_id for token, token_id in encoder.items() if token.startswith("<|")}
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"GPT-2's encoder.json and vocab.bpe in {folder} are not GPT-2's files ({type(err).__name__}: {err}); "
+            "copy the originals again"
+        ) from err
+    fields = dict(pattern="gpt2", regex=PATTERNS["gpt2"], special_tokens=specials, byte_ids=byte_ids, merges=merges)
+    return BPETokenizer.from_dict({"format": FORMAT, "version": VERSION, **fields}, source=f"GPT-2's files in {folder}")

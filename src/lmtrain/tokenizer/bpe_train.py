@@ -21,8 +21,9 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..errors import UserError
 from ..fileio import sha256_bytes
-from .bpe import BPETokenizer, split_specials, splitter
+from .bpe import MAX_VOCAB, BPETokenizer, split_specials, splitter
 
 
 def count_chunks(texts: Iterable[str], pattern: str, special_tokens: Iterable[str] = (), processes: int = 1) -> Counter:
@@ -198,15 +199,17 @@ def train_bpe(
     processes: int = 1,
 ) -> BPETokenizer:
     """A tokenizer of at most vocab_size ids: 256 bytes, the merges, then the special tokens."""
-    specials = list(special_tokens or [])
+    specials = list(dict.fromkeys(special_tokens or []))  # a token given twice is one token
+    if "" in specials:
+        raise UserError("a special token is empty; give each special token at least one character")
     n_merges = vocab_size - 256 - len(specials)
     if n_merges < 0:
-        from ..errors import UserError
-
         raise UserError(
             f"vocab size {vocab_size} leaves no room for the 256 byte tokens and {len(specials)} "
             f"special tokens; use at least {256 + len(specials)}"
         )
+    if vocab_size > MAX_VOCAB:
+        raise UserError(f"vocab size {vocab_size} is above 2^32, the most ids uint32 holds; use at most {MAX_VOCAB}")
     chunk_counts = count_chunks(texts, pattern, specials, processes)
     merges = learn_merges(chunk_counts, n_merges, progress)
     special_ids = {token: 256 + len(merges) + i for i, token in enumerate(specials)}

@@ -90,7 +90,9 @@ def test_resume_continues_the_step_count_and_schedule(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60
     steps = sorted(s for s, _ in scalars(run_dir)["train/loss"])
-    assert steps == [0, 10, 20, 30, 40, 50]  # every 10 steps; 40 and 50 logged by the resumed run
+    assert steps == [9, 19, 29, 39, 49, 59]  # every 10th step, at the updates before it; 49, 59 by the resumed run
+    for tag in ("lr/decay", "train/tokens_per_s"):  # one convention: the curves end together
+        assert sorted(s for s, _ in scalars(run_dir)[tag]) == steps, tag
 
 
 def test_the_last_step_is_always_checkpointed(tmp_path):

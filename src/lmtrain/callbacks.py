@@ -207,7 +207,8 @@ class SampleText(Callback):
 
 
 class Throughput(Callback):
-    """Logs train/tokens_per_s over each logging interval, from host time alone (no device sync)."""
+    """Logs train/tokens_per_s over each logging interval, from host time alone (no device sync), at x = the
+    updates made before the interval's last step, as the module's train metrics."""
 
     def __init__(self):
         self._since: tuple[float, int] | None = None
@@ -219,11 +220,11 @@ class Throughput(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         start_time, start_step = self._since
-        if step - start_step >= trainer.log_every_n_steps:
+        if step > start_step and step % trainer.log_every_n_steps == 0:
             now = time.perf_counter()
             rate = (step - start_step) * self.tokens_per_step / (now - start_time)
             for logger in trainer.loggers:  # straight to them: Lightning's self.log would copy it to the device
-                logger.log_metrics({"train/tokens_per_s": rate}, step=step)
+                logger.log_metrics({"train/tokens_per_s": rate}, step=step - 1)
             if hasattr(pl_module, "host_metrics"):
                 pl_module.host_metrics["train/tokens_per_s"] = rate
             self._since = (now, step)

@@ -42,14 +42,22 @@ class LanguageModel(L.LightningModule):
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         self.model = GPT(gpt_config(model))
         self.optim_config = OptimConfig(**optim)
-        # Lightning's load_from_checkpoint passes only the saved hyperparameters: the tokenizer comes from its state
-        self.tokenizer = tokenizer if tokenizer is not None else tokenizer_from_environment(tokenizer_state)
+        self._tokenizer = tokenizer
         # The plain loss; lmtrain.fast may swap faster forms of the same math in, and keep gradient buffers.
         self.train_loss = self.model.loss
         self.eval_loss = self.model.loss
         self.keep_gradient_buffers = False
         self._unread_train_metrics = None  # (step, values on their way to the host, CUDA event)
         self.host_metrics: dict[str, float] = {}  # the newest values logged, already on the host (the terminal's)
+
+    @property
+    def tokenizer(self):
+        """The run's tokenizer; after Lightning's load_from_checkpoint, which passes only the saved
+        hyperparameters, rebuilt from its saved state (GPT-2's files from LMTRAIN_CACHE or the mirror)."""
+        if self._tokenizer is None:
+            cache = os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")
+            self._tokenizer = from_state(self.hparams.tokenizer_state, cache, os.environ.get("LMTRAIN_DATA_MIRROR"))
+        return self._tokenizer
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-token loss of token ids x (B, T) against targets y (B, T)."""
@@ -105,10 +113,11 @@ class LanguageModel(L.LightningModule):
 
     def _log_train_step(self, step: int, grad_norm: torch.Tensor) -> None:
         """train/loss (the mean over this step's micro-batches), train/grad_norm and the count of skipped
-        non-finite steps, every log_every_n_steps, at x = updates made before this step (as the validation
-        metrics). On a GPU they are copied to the host without waiting and written one interval later, when
-        the copy is long done: the device is never synchronised for them."""
-        if step % self.trainer.log_every_n_steps == 0:
+        non-finite steps of every log_every_n_steps-th step, at x = updates made before this step, as the
+        validation metrics, the learning rate and tokens/s: a run of 60 steps logs them at 9, 19, ..., 59. On a
+        GPU they are copied to the host without waiting and written one interval later, when the copy is long
+        done: the device is never synchronised for them."""
+        if (step + 1) % self.trainer.log_every_n_steps == 0:
             values = torch.stack(
                 [self._loss_sum / self.trainer.accumulate_grad_batches, grad_norm.float(), *self._nonfinite]
             )
@@ -235,12 +244,6 @@ class LanguageModel(L.LightningModule):
                 f"checkpoint {path} does not match the config: it has {', '.join(differences)}; resume with the "
                 "config it was trained with (its run's .hydra/config.yaml) or start a new run"
             )
-
-
-def tokenizer_from_environment(state: dict):
-    """The tokenizer of `state`, its files (GPT-2's) from LMTRAIN_CACHE and LMTRAIN_DATA_MIRROR as training reads."""
-    cache = os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")
-    return from_state(state, cache, os.environ.get("LMTRAIN_DATA_MIRROR"))
 
 
 def copy_to_host_async(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

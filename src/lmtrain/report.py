@@ -308,8 +308,8 @@ def corpus_of(run: Run) -> str | None:
 
     from .data.corpus import load_text
 
-    data = OmegaConf.load(config_file).data
     try:
+        data = OmegaConf.load(config_file).data
         mirror = data.get("mirror")
         return load_text(
             data.name,

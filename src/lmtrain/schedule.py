@@ -11,10 +11,12 @@ import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .cli import command
 from .config import validate_schedule
+from .errors import UserError, describe_hydra_error
 from .fileio import atomic_write
 from .lr_schedule import warmup_cosine
 
@@ -33,7 +35,8 @@ def schedule_lrs(steps: int, *, warmup_steps: int, max_steps: int, max_lr: float
 
 
 def key_points(warmup_steps: int, max_steps: int, max_lr: float, min_lr: float) -> list[tuple[str, int, float]]:
-    """The lesson's checks, for any configuration: (what, step, expected lr)."""
+    """The lesson's checks, for any configuration: (what, step, expected lr). A warmup of the whole run has no
+    decay to check: the lr stays max_lr up to max_steps."""
     points = []
     if warmup_steps > 0:
         points += [
@@ -51,9 +54,10 @@ def key_points(warmup_steps: int, max_steps: int, max_lr: float, min_lr: float) 
             * (max_lr - min_lr)
             * (1 + math.cos(math.pi * (midpoint - warmup_steps) / max(1, max_steps - warmup_steps))),
         ),
-        ("end of decay: min_lr", max_steps, min_lr),
-        ("after max_steps: min_lr", max_steps + max_steps // 10, min_lr),
     ]
+    if max_steps > warmup_steps:
+        points.append(("end of decay: min_lr", max_steps, min_lr))
+    points.append(("after max_steps: min_lr", max_steps + max(1, max_steps // 10), min_lr))
     return points
 
 
@@ -77,7 +81,13 @@ def plot(lrs: list[float], warmup_steps: int, max_steps: int, min_lr: float, out
 
 
 def run(cfg: DictConfig) -> bool:
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:  # an interpolation of a key not there: ${optim.lr}
+        raise UserError(describe_hydra_error(err)) from err
     validate_schedule(cfg)
+    if Path(cfg.out).is_dir():
+        raise UserError(f"out={cfg.out} is a folder; give the image file to write, e.g. out={Path(cfg.out) / 'lr.png'}")
     o, max_steps = cfg.optim, cfg.trainer.max_steps
     schedule = dict(warmup_steps=o.warmup_steps, max_steps=max_steps, max_lr=o.max_lr, min_lr=o.min_lr)
     points = key_points(**schedule)

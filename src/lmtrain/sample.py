@@ -8,13 +8,16 @@ The model and the tokenizer both come from the checkpoint; the same seed gives t
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .checkpointing import load_checkpoint
 from .cli import command
-from .errors import UserError
+from .config import unknown_key_problems
+from .errors import UserError, describe_hydra_error
 from .model import GPT
 from .module import gpt_config
 from .tokenizer import encode_prompt, from_state
@@ -22,19 +25,32 @@ from .tokenizer import encode_prompt, from_state
 
 def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str | None):
     """The GPT and the tokenizer a checkpoint was trained with."""
+    folder = Path(ckpt_path)
+    if folder.is_dir():
+        best = next((p for p in (folder / "checkpoints" / "best.ckpt", folder / "best.ckpt") if p.is_file()), None)
+        raise UserError(
+            f"ckpt_path={ckpt_path} is a folder; give a checkpoint file, e.g. "
+            f"ckpt_path={best or '<run>/checkpoints/best.ckpt'}"
+        )
     checkpoint = load_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters", {})
-    if "model" not in hparams or "tokenizer_state" not in hparams:
+    if not isinstance(hparams, dict) or "model" not in hparams or "tokenizer_state" not in hparams:
         raise UserError(f"checkpoint {ckpt_path} has no model or tokenizer settings; was it written by lmtrain?")
-    model = GPT(gpt_config(hparams["model"]))
-    tokenizer = from_state(hparams["tokenizer_state"], cache_dir, mirror)
+    try:
+        model = GPT(gpt_config(hparams["model"]))
+        tokenizer = from_state(hparams["tokenizer_state"], cache_dir, mirror)
+        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(weights)
+    except (AssertionError, AttributeError, KeyError, RuntimeError, TypeError, ValueError) as err:
+        raise UserError(
+            f"checkpoint {ckpt_path}: its model settings, tokenizer and weights do not fit together "
+            f"({type(err).__name__}); the file is damaged or not lmtrain's, use a checkpoint lmtrain wrote"
+        ) from err
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(
             f"checkpoint {ckpt_path}: its tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} ids) does not fit its "
             f"model ({model.config.vocab_size} ids); the file mixes two runs, use a checkpoint written by one run"
         )
-    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(weights)
     return model.to(device).eval(), tokenizer
 
 
@@ -53,8 +69,9 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def stream_sample(model: GPT, tokenizer, prompt: str, generator: torch.Generator, out=sys.stdout, **options) -> str:
-    """Generate from `prompt`, writing the text as tokens arrive; returns the whole text."""
+def stream_sample(model: GPT, tokenizer, prompt: str, generator: torch.Generator, out=None, **options) -> str:
+    """Generate from `prompt`, writing the text as tokens arrive (to `out`, else stdout); returns the whole text."""
+    out = out or sys.stdout  # looked up now: a default bound at import would miss a redirected stdout
     device = next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt, "prompts")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
@@ -71,7 +88,12 @@ def stream_sample(model: GPT, tokenizer, prompt: str, generator: torch.Generator
 
 
 def sample(cfg: DictConfig) -> None:
-    problems = OmegaConf.to_object(cfg).problems()
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise UserError("ckpt_path is missing; give the checkpoint to sample: ckpt_path=<run>/checkpoints/best.ckpt")
+    try:
+        problems = unknown_key_problems(cfg, ()) or OmegaConf.to_object(cfg).problems()
+    except OmegaConfBaseException as err:  # an interpolation of a key not there: ${seeds}
+        raise UserError(describe_hydra_error(err)) from err
     if problems:
         raise UserError("; ".join(problems))
     device = pick_device(cfg.device)

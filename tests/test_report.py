@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -72,22 +73,22 @@ def test_warmup_ablation_sweeps_the_lessons_grid():
 
 
 def test_optuna_search_minimises_best_val_loss(tmp_path):
+    """The command written in conf/hparams_search/optuna.yaml, as written (into a folder of the test's)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    written = (Path(CONFIG_DIR) / "hparams_search" / "optuna.yaml").read_text()
+    command = re.search(r"^#\s+python -m lmtrain\.train (.*)$", written, flags=re.M).group(1).split()
     folder = tmp_path / "optuna"
-    result = run_cli(
-        "lmtrain.train",
-        "-m",
-        "experiment=smoke",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2",
-        "trainer.max_steps=20",
-        "optim.warmup_steps=int(interval(0,10))",
-        f"hydra.sweep.dir={folder}",
-    )
+    result = run_cli("lmtrain.train", *command, f"hydra.sweep.dir={folder}")
     assert result.returncode == 0, result.stderr[-2000:]
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {"optim.max_lr", "optim.warmup_steps", "model.dropout"}
     assert 0 < results["best_value"] < 10
+    trials = sorted(p.parent.parent for p in folder.glob("*/.hydra/config.yaml"))
+    assert len(trials) == int(re.search(r"hydra\.sweeper\.n_trials=(\d+)", " ".join(command)).group(1))
+    for trial in trials:
+        assert (trial / "summary.json").is_file()
+        optim = yaml.safe_load((trial / ".hydra" / "config.yaml").read_text())["optim"]
+        assert optim["min_lr"] == pytest.approx(optim["max_lr"] * 0.1)  # recorded as the number it ran with
 
 
 def test_damaged_files_are_reported_as_damaged_not_read_as_a_wrong_best(multirun, tmp_path):

@@ -1,4 +1,5 @@
-"""The one entry-point helper: the packaged configs, Hydra's main, and bad input as one line with exit code 2.
+"""The one entry-point helper: the packaged configs, Hydra's main, and bad input as one line with exit code 2
+(a multirun's failed jobs: lmtrain.sweeps).
 
     main = command(train, config_name="train")    # python -m lmtrain.train [overrides]
     cfg = compose("train", ["experiment=smoke"])  # the same config, without Hydra's main
@@ -9,13 +10,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import config  # registers the schemas the configs name
 from .errors import (
@@ -27,7 +30,8 @@ from .errors import (
     exit_on_user_error,
     one_line,
 )
-from .fileio import write_failure
+from .fileio import atomic_write_bytes, write_failure
+from .sweeps import failed_jobs_named, job_failure_recorded
 
 
 def _config_dir() -> str:
@@ -48,14 +52,23 @@ def command(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[],
     """The `main()` of a command: Hydra composes conf/<config_name>.yaml with the command line and runs `task`.
 
     A bad override or a UserError prints `error: <one line>` and exits 2; HYDRA_FULL_ERROR=1 shows the traceback.
-    Training stopped by a signal exits 128 + its number.
+    In a multirun a failed job is recorded and the others run (lmtrain.sweeps). Training stopped by a signal
+    exits 128 + its number, a multirun too. The run's .hydra/config.yaml holds the values that resolvers gave.
     `task`'s own module names the job, as if it were decorated with @hydra.main itself.
     """
 
     @functools.wraps(task)  # Hydra unwraps it to find the job's name and file
     def task_in_hydra(cfg: DictConfig) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            with _users_full_error(), job_failure_recorded(), exit_on_signal_stop():
+                record_resolved_config(cfg)
+                return task(cfg)
         _restore_full_error()
         with exit_on_user_error(), exit_on_signal_stop():
+            record_resolved_config(cfg)
             return task(cfg)
 
     hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task_in_hydra)
@@ -85,7 +98,8 @@ def _run_hydra_app(hydra_main: Callable[[], None]) -> None:
     os.environ[_USER_FULL_ERROR] = user_value or ""
     os.environ[FULL_ERROR] = "1"
     try:
-        hydra_main()
+        with failed_jobs_named(full_error=user_value == "1"):
+            hydra_main()
     except (HydraException, OmegaConfBaseException, UserError) as err:
         if user_value == "1":
             raise
@@ -113,10 +127,49 @@ def moved_key_hint(err: BaseException) -> str | None:
 
 def _restore_full_error() -> None:
     """Put HYDRA_FULL_ERROR back to what the user set (see _run_hydra_app)."""
-    if _USER_FULL_ERROR not in os.environ:
-        return
-    user_value = os.environ.pop(_USER_FULL_ERROR)
-    if user_value:
-        os.environ[FULL_ERROR] = user_value
+    if _USER_FULL_ERROR in os.environ:
+        _set_full_error(os.environ.pop(_USER_FULL_ERROR))
+
+
+@contextmanager
+def _users_full_error() -> Iterator[None]:
+    """A multirun's job runs with the user's HYDRA_FULL_ERROR, and the sweeper after it with ours (see
+    _run_hydra_app), so that what it raises for a failed job comes to `failed_jobs_named`."""
+    ours = os.environ.get(FULL_ERROR)
+    _set_full_error(os.environ.get(_USER_FULL_ERROR, ours))
+    try:
+        yield
+    finally:
+        _set_full_error(ours)
+
+
+def _set_full_error(value: str | None) -> None:
+    if value:
+        os.environ[FULL_ERROR] = value
     else:
         os.environ.pop(FULL_ERROR, None)
+
+
+_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{\s*[A-Za-z_][\w.]*\s*:")  # `${name:...}`; a key's `${a.b}` has no colon
+
+
+def record_resolved_config(cfg: DictConfig) -> None:
+    """Replace each value a resolver computes (`${lmtrain.on_gpu:6,2}`, `${hydra:runtime.output_dir}`) by what it
+    gave, in `cfg` and in the run's .hydra/config.yaml, which Hydra wrote before. References to other keys
+    (`${output_dir}/checkpoints`) stay, so that `ckpt_path=last` still finds a run of this config in another folder.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    _resolve_computed_values(cfg, OmegaConf.to_container(cfg, resolve=False))
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        config_file = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir / "config.yaml"
+        atomic_write_bytes(config_file, OmegaConf.to_yaml(cfg).encode())
+
+
+def _resolve_computed_values(node: DictConfig | ListConfig, raw: dict | list) -> None:
+    for key, value in raw.items() if isinstance(raw, dict) else enumerate(raw):
+        if isinstance(value, str) and _RESOLVER_CALL.search(value):
+            node[key] = node[key]
+        elif isinstance(value, dict | list):
+            _resolve_computed_values(node[key], value)

@@ -84,3 +84,24 @@ def test_ckpt_path_last_resumes_the_highest_step_whatever_the_file_times(tmp_pat
     (broken / ".hydra" / "config.yaml").write_text("model: [unclosed")
     (broken / "checkpoints").mkdir()
     assert newest_matching_run(compose("experiment=smoke"), tmp_path / "outputs") is None
+
+
+def test_ckpt_path_last_finds_a_run_recorded_with_precision_auto(tmp_path):
+    """Its .hydra/config.yaml says `auto`, the config to resume is validated (auto resolved): they still match."""
+    from omegaconf import OmegaConf
+
+    from lmtrain.checkpointing import newest_matching_run
+    from lmtrain.config import validate
+
+    from .conftest import compose
+
+    run = tmp_path / "outputs" / "2026-12-02" / "10-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-000010.ckpt").write_bytes(b"")
+    recorded = compose("experiment=seed_char", "ckpt_path=last")
+    assert recorded.trainer.precision == "auto"
+    OmegaConf.save(recorded, run / ".hydra" / "config.yaml")
+    cfg = compose("experiment=seed_char", "ckpt_path=last")
+    validate(cfg)
+    assert cfg.trainer.precision != "auto" and newest_matching_run(cfg, tmp_path / "outputs") == run

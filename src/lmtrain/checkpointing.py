@@ -70,6 +70,8 @@ def newest_matching_run(cfg, outputs: Path) -> Path | None:
     aside) and which holds a checkpoint: what `ckpt_path=last` resumes without `hydra.run.dir`."""
     from omegaconf import OmegaConf
 
+    from .config import resolve_auto_precision
+
     def comparable(config) -> dict:
         tree = OmegaConf.to_container(config, resolve=False)
         return {k: v for k, v in tree.items() if k not in ("ckpt_path", "output_dir", "hydra")}
@@ -80,7 +82,9 @@ def newest_matching_run(cfg, outputs: Path) -> Path | None:
     ]
     for run in sorted(runs, key=lambda r: (r / CHECKPOINT_DIR).stat().st_mtime, reverse=True):
         try:
-            recorded = comparable(OmegaConf.load(run / ".hydra/config.yaml"))
+            recorded_config = OmegaConf.load(run / ".hydra/config.yaml")
+            resolve_auto_precision(recorded_config)  # as `cfg` was, by validate
+            recorded = comparable(recorded_config)
         except Exception:  # noqa: BLE001 - a damaged or foreign run folder is not the one to resume
             continue
         if recorded == wanted and any((run / CHECKPOINT_DIR).glob("*.ckpt")):

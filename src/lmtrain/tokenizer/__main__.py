@@ -32,12 +32,17 @@ def show(token: bytes) -> str:
     return repr(token.decode("utf-8", errors="backslashreplace"))[1:-1]
 
 
+def check_out(out: str, example: str) -> None:
+    """--out names a file: a folder (or '') is found before the work, not when its result is written."""
+    if Path(out).is_dir():
+        raise UserError(f"--out {out!r} is a folder; give a file name, e.g. --out {Path(out) / example}")
+
+
 def cmd_train(args) -> None:
     from ..fileio import writable_folder
     from .bpe_train import train_bpe
 
-    if Path(args.out).is_dir():
-        raise UserError(f"--out {args.out!r} is a folder; give a file name, e.g. --out {Path(args.out) / 'tok.json'}")
+    check_out(args.out, "tok.json")
     writable_folder(Path(args.out).resolve().parent)  # before training: a tokenizer that cannot be saved is lost
     texts = read_inputs(args.inputs)
     progress, finish = _progress(args.vocab_size - 256 - len(args.special))
@@ -65,6 +70,8 @@ def _progress(total: int):
 
 
 def cmd_encode(args) -> None:
+    if args.out:
+        check_out(args.out, "ids.npy")
     tokenizer = BPETokenizer.load(args.tokenizer)
     ids = tokenizer.encode(read_inputs([args.file])[0])
     if args.out:
@@ -123,6 +130,7 @@ def cmd_merges(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    check_out(args.out, "gpt2.json")
     tokenizer = from_gpt2_files(args.gpt2)
     tokenizer.save(args.out)
     print(f"{args.out}: GPT-2, {tokenizer.vocab_size} ids", file=sys.stderr)

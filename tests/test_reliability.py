@@ -25,7 +25,7 @@ from lmtrain.fileio import atomic_write_bytes
 from lmtrain.tokenizer.bpe import BPETokenizer
 from lmtrain.train import train
 
-from .conftest import REPO, compose, process_state_kept, scalars, smoke, smoke_here, train_here
+from .conftest import REPO, compose, process_state_kept, run_cli, scalars, smoke, smoke_here, train_here
 
 ARGS = ["trainer.max_steps=240", "checkpoint.every_n_steps=20", "trainer.eval_interval=40"]
 
@@ -108,6 +108,11 @@ def test_sigterm_saves_a_checkpoint_stops_cleanly_and_resumes(tmp_path):
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM  # 143, as a shell reports it: not a finished run
     assert "stopped by SIGTERM after step" in out and "resume with: python -m lmtrain.train" in out
+    log = (run / "train.log").read_text()  # what the console showed, without the live bar
+    assert "model: " in log and "step      0  val " in log and "stopped by SIGTERM after step" in log
+    assert "Training" not in log
+    bad = run_cli("lmtrain.train", "experiment=smoke", "optim.min_lr=1.0", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] in (tmp_path / "bad" / "train.log").read_text()
     step = load_checkpoint(resolve_ckpt_path("last", run))["global_step"]
     smoke(run, "trainer.max_steps=5000", "ckpt_path=last", "trainer.max_steps=" + str(step + 10))
     assert json.loads((run / "summary.json").read_text())["steps"] == step + 10

@@ -27,6 +27,7 @@ from rich.progress import (
 )
 
 from .checkpointing import capture_rng_state, restore_rng_state
+from .console import keep, say
 from .errors import StoppedBySignal, UserError
 from .fileio import atomic_write_bytes
 from .lightning_patches import rewind_to_step_start
@@ -114,7 +115,9 @@ class StepProgressBar(ProgressBar):
             self.progress.remove_task(self.eval_task)
             self.eval_task = None
         if self.progress is not None and not trainer.sanity_checking and trainer.is_global_zero:
-            self.progress.console.print(f"step {trainer.global_step:>6}  {status_line(trainer, pl_module)}")
+            line = f"step {trainer.global_step:>6}  {status_line(trainer, pl_module)}"
+            self.progress.console.print(line)
+            keep(line)
             if self.train_task is not None:
                 self.progress.update(self.train_task, status=status_line(trainer, pl_module))
 
@@ -162,11 +165,10 @@ class ModelSize(Callback):
             return
         self.shown = True
         model, c = pl_module.model, pl_module.model.config
-        print(
+        say(
             f"model: {model.num_params(embeddings=False) / 1e6:.2f} M parameters, "
             f"{model.num_params() / 1e6:.2f} M with the embeddings ({c.n_layer} layers, {c.n_head} heads, "
-            f"{c.n_embd} wide, block {c.block_size}, vocabulary {c.vocab_size})",
-            flush=True,
+            f"{c.n_embd} wide, block {c.block_size}, vocabulary {c.vocab_size})"
         )
 
 
@@ -306,7 +308,7 @@ class RunSummary(Callback):
         # JSON has no Infinity or NaN: a run without an evaluation has no best loss, null
         summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
         atomic_write_bytes(self.path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
-        print(summary_table(summary, self.path), flush=True)
+        say(summary_table(summary, self.path))
 
 
 def summary_table(summary: dict, path: Path) -> str:
@@ -370,10 +372,9 @@ class ResumeCheckpoints(Checkpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step_done = trainer.global_step
         if trainer.ckpt_path and trainer.is_global_zero:  # instead of Lightning's "dataloader is not resumable"
-            print(
+            say(
                 f"resumed from {trainer.ckpt_path} at step {trainer.global_step}: exactly, since micro-batch i is "
-                "drawn from (seed, i) and the RNG streams continue from the checkpoint",
-                flush=True,
+                "drawn from (seed, i) and the RNG streams continue from the checkpoint"
             )
         if threading.current_thread() is threading.main_thread():  # the only thread that may set signal handlers
             for signum in self.SIGNALS:

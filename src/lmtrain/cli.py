@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from . import config  # registers the schemas the configs name
+from . import config, console  # config registers the schemas the configs name
 from .errors import (
     EXIT_USER_ERROR,
     FULL_ERROR,
@@ -62,14 +62,20 @@ def command(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[],
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            with _users_full_error(), job_failure_recorded(), exit_on_signal_stop():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.output_subdir is not None:  # a run folder (train's): what the run says is kept in its log
+            console.keep_in(Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log")
+        try:
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                with _users_full_error(), job_failure_recorded(), exit_on_signal_stop():
+                    record_resolved_config(cfg)
+                    return task(cfg)
+            _restore_full_error()
+            with exit_on_user_error(), exit_on_signal_stop():
                 record_resolved_config(cfg)
                 return task(cfg)
-        _restore_full_error()
-        with exit_on_user_error(), exit_on_signal_stop():
-            record_resolved_config(cfg)
-            return task(cfg)
+        finally:
+            console.keep_in(None)
 
     hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task_in_hydra)
     return functools.partial(_run_hydra_app, hydra_main)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .console import say
 from .errors import UserError
 from .model import GPTConfig
 from .optim import OptimConfig
@@ -465,11 +465,10 @@ def check_machine(cfg: DictConfig) -> None:
     if problems:
         raise UserError("; ".join(problems))
     if PRECISIONS[cfg.trainer.precision].compute == "bfloat16" and not trains_on_gpu(cfg):
-        print(
+        say(
             "note: precision=bf16 on the CPU runs under CPU autocast, slower than fp32 on most CPUs; "
             "precision=auto picks fp32 here and bf16 on a GPU",
-            file=sys.stderr,
-            flush=True,
+            err=True,
         )
 
 

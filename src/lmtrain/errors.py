@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .console import say
+
 EXIT_USER_ERROR = 2
 FULL_ERROR = "HYDRA_FULL_ERROR"  # =1: tracebacks instead of one-line errors
 
@@ -32,7 +34,7 @@ def exit_on_signal_stop() -> Iterator[None]:
     try:
         yield
     except StoppedBySignal as stop:
-        print(stop, flush=True)
+        say(str(stop))
         sys.exit(128 + stop.signum)
 
 
@@ -48,7 +50,7 @@ def exit_on_user_error() -> Iterator[None]:
     except UserError as err:
         if os.environ.get(FULL_ERROR) == "1":
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        say(f"error: {one_line(err)}", err=True)
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from .cli import command
 from .config import check_machine, training_block_size, validate
+from .console import say
 from .errors import UserError
 from .fileio import run_folder_lock
 
@@ -85,7 +86,7 @@ def run_to_resume(cfg: DictConfig) -> Path:
             "ckpt_path=last found no earlier run with this config under outputs/; give its folder with "
             "hydra.run.dir=<run> or a file with ckpt_path=<file>"
         )
-    print(f"resuming {found}: the newest run with this config", flush=True)
+    say(f"resuming {found}: the newest run with this config")
     return found
 
 

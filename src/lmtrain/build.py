@@ -149,10 +149,28 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 
 def build_logger(cfg: DictConfig):
+    """The logger group's Lightning logger; W&B and MLflow are an optional extra, named when missing."""
+    import sys
+
+    from lightning.pytorch.loggers import WandbLogger  # importable without wandb
+
     if cfg.logger is None:
         return False
     with user_facing_instantiation("the logger"):
-        return instantiate(cfg.logger)
+        try:
+            logger = instantiate(cfg.logger)
+        except InstantiationException as err:
+            if not isinstance(err.__cause__, ImportError):  # Lightning's ModuleNotFoundError for wandb or mlflow
+                raise
+            missing = one_line(err.__cause__).split(" HINT:")[0]
+            raise UserError(
+                f"logger {cfg.logger._target_} needs a package that is not installed ({missing}): "
+                "pip install -e '.[loggers]'"
+            ) from err
+    wandb = sys.modules.get("wandb")
+    if isinstance(logger, WandbLogger) and wandb is not None and wandb.run is not None:
+        wandb.finish()  # an earlier job of a sweep in this process: Lightning would log this job into its run
+    return logger
 
 
 def build_strategy(cfg: DictConfig):
@@ -192,11 +210,17 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
 
 
 def log_config(logger, cfg: DictConfig) -> None:
-    """The resolved config as TensorBoard hparams, with val/loss_best registered for the HPARAMS tab."""
+    """The resolved config as the logger's hyperparameters; TensorBoard's with val/loss_best registered for the
+    HPARAMS tab (the other loggers take no metrics with them)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     if not logger:
         return
     flat = {k: v for k, v in _flatten(to_container(cfg)).items() if not k.startswith("callbacks.")}
-    logger.log_hyperparams(flat, metrics={"val/loss_best": math.nan})
+    if isinstance(logger, TensorBoardLogger):
+        logger.log_hyperparams(flat, metrics={"val/loss_best": math.nan})
+    else:
+        logger.log_hyperparams(flat)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -16,7 +16,7 @@ import pytest
 from .conftest import compose, process_state_kept, scalars, smoke_here, train_here
 
 RUN = ("trainer.max_steps=20", "trainer.eval_interval=10", "trainer.log_every_n_steps=10")
-TIMED = {"train/tokens_per_s"}  # a measurement: its steps must agree, not its values
+TIMED = {"train/tokens_per_s", "hparams/tokens_per_s"}  # a measurement: its steps must agree, not its values
 Series = dict[str, list[tuple[int, float]]]
 WANDB_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false"}  # no network
 

@@ -233,3 +233,27 @@ def test_the_readmes_python_loads_a_checkpoint_with_its_tokenizer_and_generates(
     exec(snippet.replace("outputs/<run>", str(run_dir)), {})  # as written, but for the run's folder
     printed = capsys.readouterr().out
     assert printed.startswith("ROMEO:\n") and len(printed) > len("ROMEO:\n") + 50
+
+
+def test_tensorboard_has_one_event_file_and_an_hparams_row_with_the_results(smoke_run):
+    """The evaluation before training shares the event file; HPARAMS holds the settings that tell runs apart and
+    the run's results (no NaN point, no row before there are results)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir, _ = smoke_run
+    (events,) = (run_dir / "tb").glob("events.out.tfevents.*")
+    reader = EventAccumulator(str(events), size_guidance={"tensors": 0, "scalars": 0})
+    reader.Reload()
+    experiment = None
+    for content in reader.PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        experiment = data.experiment if data.HasField("experiment") else experiment
+    names = [info.name for info in experiment.hparam_infos]
+    assert {"optim.max_lr", "optim.warmup_steps", "model.n_layer", "trainer.precision"} <= set(names)
+    assert len(names) < 25  # not the whole config: that is in .hydra/config.yaml
+    assert "hparams/best_val_bpc" in {m.name.tag for m in experiment.metric_infos}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (best_bpc,) = reader.Scalars("hparams/best_val_bpc")
+    assert best_bpc.value == pytest.approx(summary["best_val_bpc"]) and best_bpc.step == summary["steps"]
+    assert all(math.isfinite(point.value) for point in reader.Scalars("val/loss_best"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -210,17 +209,12 @@ def build_trainer(cfg: DictConfig, callbacks: list, logger) -> L.Trainer:
 
 
 def log_config(logger, cfg: DictConfig) -> None:
-    """The resolved config as the logger's hyperparameters; TensorBoard's with val/loss_best registered for the
-    HPARAMS tab (the other loggers take no metrics with them)."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
+    """The resolved config as the logger's hyperparameters (TensorBoard's HPARAMS row waits for the results:
+    lmtrain.loggers)."""
     if not logger:
         return
     flat = {k: v for k, v in _flatten(to_container(cfg)).items() if not k.startswith("callbacks.")}
-    if isinstance(logger, TensorBoardLogger):
-        logger.log_hyperparams(flat, metrics={"val/loss_best": math.nan})
-    else:
-        logger.log_hyperparams(flat)
+    logger.log_hyperparams(flat)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -31,6 +31,7 @@ from .console import keep, say
 from .errors import StoppedBySignal, UserError
 from .fileio import atomic_write_bytes
 from .lightning_patches import rewind_to_step_start
+from .loggers import TensorBoard
 from .tokenizer import encode_prompt
 
 
@@ -307,8 +308,28 @@ class RunSummary(Callback):
         }
         # JSON has no Infinity or NaN: a run without an evaluation has no best loss, null
         summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+        self.log_results(trainer, summary)
         atomic_write_bytes(self.path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
         say(summary_table(summary, self.path))
+
+
+    @staticmethod
+    def log_results(trainer: L.Trainer, summary: dict) -> None:
+        """The run's results as metrics hparams/<name> (TensorBoard: its HPARAMS row, with the settings)."""
+        train_loss = getattr(trainer.lightning_module, "host_metrics", {}).get("train/loss")
+        results = {
+            "best_val_loss": summary["best_val_loss"],
+            "best_val_bpc": summary["best_val_bpc"],
+            "best_step": summary["best_step"],
+            "final_train_loss": train_loss if train_loss is not None and math.isfinite(train_loss) else None,
+            "tokens_per_s": summary["tokens_per_s"],
+        }
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoard):
+                logger.log_results(results, trainer.global_step)
+            else:
+                metrics = {f"hparams/{name}": value for name, value in results.items() if value is not None}
+                logger.log_metrics(metrics, trainer.global_step)
 
 
 def summary_table(summary: dict, path: Path) -> str:

@@ -398,6 +398,8 @@ FOUND = [  # module, arguments ({run}: the run, {tmp}: bad_files), exit code, wo
         "are not GPT-2's files",
     ),
     (TOK, ["convert", "--gpt2", "{tmp}/gpt2", "--out", ""], 2, "--out '' is a folder; give a file name"),
+    ("lmtrain.schedule", ["optim.warmup_steps=-1"], 2, "optim.warmup_steps=-1 must not be negative"),
+    ("lmtrain.sample", [BEST, "mirror=${{oc.env:LMTRAIN_UNSET_VARIABLE}}"], 2, "could not resolve the config"),
 ]
 
 

@@ -165,8 +165,12 @@ def record_resolved_config(cfg: DictConfig) -> None:
     (`${output_dir}/checkpoints`) stay, so that `ckpt_path=last` still finds a run of this config in another folder.
     """
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
 
-    _resolve_computed_values(cfg, OmegaConf.to_container(cfg, resolve=False))
+    try:
+        _resolve_computed_values(cfg, OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as err:  # `${oc.env:UNSET}`, say: the task's own error, on one line
+        raise UserError(f"could not resolve the config: {describe_hydra_error(err)}") from err
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.output_subdir is not None:
         config_file = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir / "config.yaml"

@@ -519,8 +519,9 @@ def schedule_problems(o, max_steps: int) -> list[str]:
         (o.name in ("adamw", "muon"), f"optim.name={o.name!r} must be adamw or muon"),
         (o.max_lr > 0, f"optim.max_lr={o.max_lr} must be positive"),
         (0 <= o.min_lr <= o.max_lr, f"optim.min_lr={o.min_lr} must be between 0 and optim.max_lr={o.max_lr}"),
+        (o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must not be negative"),
         (
-            0 <= o.warmup_steps <= max_steps,
+            o.warmup_steps <= max_steps,
             f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={max_steps}; add "
             f"optim.warmup_steps={max_steps // 10} (a tenth of the run) or train longer",
         ),

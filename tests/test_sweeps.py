@@ -87,6 +87,9 @@ def test_a_bad_job_is_recorded_the_others_run_and_the_sweep_exits_2_naming_it(tm
             "error_type": "UserError",
         }
     ]
+    reported = run_cli("lmtrain.report", str(sweep))  # the sweep's report lists it beside the jobs that ran
+    assert reported.returncode == 0, reported.stderr
+    assert "## Failed jobs (1)" in reported.stdout and "| 1 | `experiment=smoke" in reported.stdout
 
 
 def test_a_crashed_job_is_recorded_with_its_traceback_and_the_sweep_exits_1(tmp_path, monkeypatch):

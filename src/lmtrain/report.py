@@ -9,6 +9,7 @@ its checklist answered from the run's own logs. Both files are written into the 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import statistics
@@ -321,6 +322,20 @@ def corpus_of(run: Run) -> str | None:
         return None
 
 
+def failed_jobs_section(folder: Path) -> str:
+    """The sweep's failed jobs, as lmtrain.sweeps records them in failed_jobs.json (none: no section)."""
+    path = folder / "failed_jobs.json"
+    if not path.is_file():
+        return ""
+    try:
+        jobs = json.loads(path.read_text(encoding="utf-8"))
+        rows = [f"| {j['job']} | `{' '.join(j['overrides'])}` | {j['error']} |\n" for j in jobs]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+        print(f"warning: {path} could not be read ({err.__class__.__name__}): failed jobs not listed", file=sys.stderr)
+        return ""
+    return f"\n## Failed jobs ({len(rows)})\n\n| job | overrides | error |\n|---|---|---|\n" + "".join(rows)
+
+
 # --- the command ---------------------------------------------------------------------------------
 def report(folder: Path) -> Path:
     runs = find_runs(folder)
@@ -337,7 +352,7 @@ def report(folder: Path) -> Path:
             + "".join(f"| {what} | {measured} | {'pass' if ok else 'FAIL'} |\n" for what, measured, ok in items)
         )
     else:
-        text = f"# Multirun {folder}\n\n{len(runs)} runs.\n\n" + multirun_table(runs)
+        text = f"# Multirun {folder}\n\n{len(runs)} runs.\n\n" + multirun_table(runs) + failed_jobs_section(folder)
     damaged = [f"{run.name}: {what}" if run.path != folder else what for run in runs for what in run.damaged]
     if damaged:
         text += "\n## Files that could not be read whole\n\n" + "".join(f"- {what}\n" for what in damaged)

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -110,18 +109,16 @@ def damage(path: Path, how: str, data) -> None:
             path.mkdir()
 
 
+LEFT_ASIDE = {".git", ".venv", ".gpu", ".hypothesis", ".pytest_cache", "__pycache__", ".ruff_cache"}
+
+
 def untracked() -> set[str]:
-    """What `git status` lists as new in the repository (ignored files too), caches and sources left aside."""
-    listed = subprocess.run(
-        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    caches = (".hypothesis/", ".pytest_cache/", "__pycache__/", ".ruff_cache/", ".venv/")
-    new = [line[3:] for line in listed if line[:2] in ("??", "!!")]
-    return {path for path in new if not path.endswith(".py") and not any(cache in path for cache in caches)}
+    """Every file in the repository's folder (a git checkout or a copy of one), caches and sources left aside."""
+    found = set()
+    for root, folders, files in os.walk(REPO):
+        folders[:] = [f for f in folders if f not in LEFT_ASIDE]
+        found |= {os.path.relpath(os.path.join(root, f), REPO) for f in files if not f.endswith(".py")}
+    return found
 
 
 @pytest.fixture(scope="module", autouse=True)

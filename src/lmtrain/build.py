@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import fast
 from .checkpointing import AtomicCheckpointIO
-from .config import to_container, training_block_size, world_size
+from .config import to_container, training_block_size, trains_on_gpu, world_size
 from .data.datamodule import TextDataModule
 from .errors import UserError, one_line
 from .lightning_patches import skip_the_per_batch_sigterm_broadcast
@@ -94,7 +94,7 @@ def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
 def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
     corpus = datamodule.corpus
     model = model_arguments(cfg, corpus.tokenizer.vocab_size)
-    check_training_state_fits(model, cfg.trainer.accelerator)
+    check_training_state_fits(model, trains_on_gpu(cfg))
     return LanguageModel(
         model=model,
         optim=to_container(cfg.optim),
@@ -109,12 +109,11 @@ def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
 TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, AdamW's two moments
 
 
-def check_training_state_fits(model: dict, accelerator: str) -> None:
+def check_training_state_fits(model: dict, on_gpu: bool) -> None:
     """A model whose weights, gradients and optimizer state alone exceed the device's memory is refused before
     it is allocated (the allocation fails with a traceback, or the system's OOM killer ends the process)."""
     with torch.device("meta"):  # shapes only: nothing allocated
         parameters = sum(p.numel() for p in GPT(gpt_config(model)).parameters())
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
         device, memory = "the GPU", torch.cuda.get_device_properties(0).total_memory
     else:

@@ -116,11 +116,12 @@ class StepProgressBar(ProgressBar):
             self.progress.remove_task(self.eval_task)
             self.eval_task = None
         if self.progress is not None and not trainer.sanity_checking and trainer.is_global_zero:
-            line = f"step {trainer.global_step:>6}  {status_line(trainer, pl_module)}"
+            status = status_line(trainer, pl_module)
+            line = f"step {trainer.global_step:>6}  {status}"
             self.progress.console.print(line)
             keep(line)
             if self.train_task is not None:
-                self.progress.update(self.train_task, status=status_line(trainer, pl_module))
+                self.progress.update(self.train_task, status=status)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.stop()

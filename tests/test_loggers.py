@@ -177,3 +177,43 @@ def test_a_missing_logger_package_is_one_line_naming_the_extra(tmp_path, monkeyp
     assert f"Requirement '{module}>=999' not met" in result.stderr
     assert result.stderr.rstrip().endswith("pip install -e '.[loggers]'")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_tensorboard_run_names_tell_runs_apart_and_are_file_names(tmp_path):
+    from lmtrain.loggers import MAX_NAME_BYTES, run_folder_name
+
+    assert run_folder_name("smoke", []) == "smoke"
+    assert run_folder_name("smoke", ["experiment=smoke", "trainer.max_steps=500"]) == "smoke,trainer.max_steps=500"
+    sweep_job = ["optim.warmup_steps=0", "optim.max_lr=3e-4"]
+    assert run_folder_name("default", sweep_job) == "optim.warmup_steps=0,optim.max_lr=3e-4"
+    assert run_folder_name("x", ["data.path=/home/me/my text.txt"]) == "data.path=_home_me_my_text.txt"
+    assert run_folder_name("..", []) == "_."
+    long = [f"callbacks.sample_text.prompts=['{'é' * 300}']"]
+    one, two = run_folder_name("x", [*long, "seed=1"]), run_folder_name("x", [*long, "seed=2"])
+    assert one != two and len(one.encode()) <= MAX_NAME_BYTES
+    for name in (one, "data.path=_home_me_my_text.txt"):
+        (tmp_path / name).mkdir()  # one folder, not a path
+        assert [p.name for p in tmp_path.glob("*") if p.name == name] == [name]
+
+
+def test_a_resumed_run_continues_the_tensorboard_run_in_its_folder(tmp_path, monkeypatch):
+    """Resumed with other overrides (a longer run), a run's curves stay one TensorBoard run; a run written before
+    runs had names (its event files in tb/ itself) goes on there."""
+    from hydra.core.hydra_config import HydraConfig
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    from lmtrain.loggers import TensorBoard
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # outside a Hydra run: named by run_name alone
+    for step, run_name in enumerate(("smoke", "smoke-resumed")):
+        logger = TensorBoard(str(tmp_path / "run"), run_name=run_name)
+        logger.log_metrics({"val/loss": 3.0 - step}, step=step)
+        logger.finalize("success")
+    old = tmp_path / "old"
+    (old / "tb").mkdir(parents=True)
+    for event_file in (tmp_path / "run" / "tb" / "smoke").glob("events.out.tfevents.*"):
+        event_file.rename(old / "tb" / event_file.name)
+    assert Path(TensorBoard(str(old), run_name="smoke").log_dir) == old / "tb"
+    runs = EventMultiplexer().AddRunsFromDirectory(str(tmp_path)).Reload()
+    assert sorted(runs.Runs()) == ["old/tb"]
+    assert [(e.step, e.value) for e in runs.Scalars("old/tb", "val/loss")] == [(0, 3.0), (1, 2.0)]

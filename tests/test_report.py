@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lmtrain.cli import CONFIG_DIR
-from lmtrain.report import diverged, spikes
+from lmtrain.report import diverged, find_runs, spikes
 
 from .conftest import compose, run_cli
 
@@ -40,6 +40,25 @@ def test_multirun_report_has_a_row_per_run_and_a_png(multirun):
     assert all("| no |" in row for row in rows)  # neither diverged
     image = matplotlib.image.imread(multirun / "report.png")
     assert image.shape[0] > 200 and image.shape[1] > 400
+
+
+def test_tensorboard_lists_each_job_by_its_overrides_and_report_finds_them(multirun, tmp_path):
+    """TensorBoard names a run by its event files' folder: <job>/tb/<the job's overrides>, not <job>/tb."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    runs = EventMultiplexer().AddRunsFromDirectory(str(multirun)).Reload().Runs()
+    names = [f"{job}/tb/smoke,trainer.max_steps=40,optim.warmup_steps={warmup}" for job, warmup in ((0, 0), (1, 5))]
+    assert sorted(runs) == names
+    assert all("val/loss" in tags["scalars"] for tags in runs.values())
+    assert [run.path for run in find_runs(multirun)] == [multirun / "0", multirun / "1"]
+
+    old = tmp_path / "old"  # a run written before runs had names: its event files in tb/ itself
+    shutil.copytree(multirun / "0", old / "0")
+    for event_file in (old / "0").glob("tb/*/events.out.tfevents.*"):
+        event_file.rename(old / "0" / "tb" / event_file.name)
+    assert [run.path for run in find_runs(old)] == [old / "0"]
 
 
 def test_single_run_report_remeasures_the_lessons_table_and_checklist(multirun):
@@ -99,7 +118,7 @@ def test_damaged_files_are_reported_as_damaged_not_read_as_a_wrong_best(multirun
     run = tmp_path / "run"
     shutil.copytree(multirun / "0", run)
     (run / "report.md").unlink(missing_ok=True)
-    events = max((run / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_size)
+    events = max(run.glob("tb/*/events.out.tfevents.*"), key=lambda p: p.stat().st_size)
     whole = events.read_bytes()
     events.write_bytes(whole[: len(whole) * 2 // 3])
     (run / ".hydra" / "overrides.yaml").write_text("- trainer.max_steps=40\n- [unclosed\n")

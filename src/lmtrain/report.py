@@ -111,10 +111,7 @@ def load_run(run_dir: Path) -> Run:
 def find_runs(folder: Path) -> list[Run]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; give a run folder or a multirun folder under outputs/")
-    run_dirs = sorted(
-        {p.parent.parent if p.parent.name == "tb" else p.parent for p in folder.rglob("events.out.tfevents.*")},
-        key=_natural,
-    )
+    run_dirs = sorted({run_folder(p) for p in folder.rglob("events.out.tfevents.*")}, key=_natural)
     runs = [load_run(d) for d in run_dirs]
     runs = [r for r in runs if r.series("val/loss") or r.series("train/loss")]
     if not runs:
@@ -123,6 +120,14 @@ def find_runs(folder: Path) -> list[Run]:
             "(its jobs write TensorBoard files under <job>/tb)"
         )
     return runs
+
+
+def run_folder(event_file: Path) -> Path:
+    """The run that wrote `event_file`: <run>/tb/<name>/events.out.tfevents.* (before names: <run>/tb/...)."""
+    for folder in event_file.parents[1], event_file.parent:
+        if folder.name == "tb":
+            return folder.parent
+    return event_file.parent
 
 
 def _natural(path: Path):

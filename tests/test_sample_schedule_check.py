@@ -88,9 +88,17 @@ def test_schedule_rejects_an_impossible_schedule(tmp_path):
     assert result.returncode == 2 and "warmup_steps" in result.stderr
 
 
+def assert_only_the_checks_lines(result) -> None:
+    """No warning, deprecation, tip or device line from the libraries: what the check prints, on stdout."""
+    assert result.stderr == "", result.stderr
+    assert not re.search(r"warn|deprecat|tip:|available:", result.stdout, flags=re.I), result.stdout
+
+
 def test_check_accumulation_prints_match():
     result = run_cli("lmtrain.check", "accumulation")
     assert result.returncode == 0 and "match" in result.stdout and "MISMATCH" not in result.stdout
+    assert result.stdout.count("\n") == 2
+    assert_only_the_checks_lines(result)
 
 
 def test_fp16_gradients_underflow_without_scaling_and_survive_with_it():
@@ -101,6 +109,7 @@ def test_fp16_gradients_underflow_without_scaling_and_survive_with_it():
 def test_check_precision_runs_on_this_machine():
     result = run_cli("lmtrain.check", "precision")
     assert result.returncode == 0 and "keeps the gradients" in result.stdout and "bfloat16" in result.stdout
+    assert_only_the_checks_lines(result)
 
 
 @pytest.mark.parametrize(

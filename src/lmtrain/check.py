@@ -9,8 +9,12 @@ precision:    fp16 gradients underflowing to zero without loss scaling and survi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -33,6 +37,21 @@ class _GradientCapture(Callback):
             self.gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
 
 
+@contextmanager
+def _lightning_quiet() -> Iterator[None]:
+    """Without Lightning's INFO lines (devices, a litlogger tip, max_steps reached: the check says what it ran) and
+    the FutureWarning of its CombinedLoader building torch's deprecated LeafSpec (Lightning 2.6 on torch 2.13)."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def trainer_gradients(batch: tuple[torch.Tensor, torch.Tensor], micro_batches: int, seed: int = 0) -> dict:
     """Gradients of the first optimizer step over `batch`, fed as `micro_batches` accumulated slices."""
     torch.manual_seed(seed)
@@ -46,22 +65,25 @@ def trainer_gradients(batch: tuple[torch.Tensor, torch.Tensor], micro_batches: i
     x, y = batch
     slices = list(zip(x.chunk(micro_batches), y.chunk(micro_batches)))
     capture = _GradientCapture()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=1,
-        accumulate_grad_batches=micro_batches,
-        gradient_clip_val=None,
-        callbacks=[capture],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(slices, batch_size=None))
+    with _lightning_quiet():
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision="32-true",
+            max_steps=1,
+            accumulate_grad_batches=micro_batches,
+            gradient_clip_val=None,
+            callbacks=[capture],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        loader = DataLoader(slices, batch_size=None)
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)  # unused (limit_val_batches=0), but
+        # without one Lightning warns that the module's validation_step has no loader
     return capture.gradients
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmtrain.data.corpus import prepare_corpus, split_text
-from lmtrain.data.windows import RandomWindows, full_pass_starts, slice_windows
+from lmtrain.data.windows import DeviceTokens, RandomWindows, full_pass_starts, slice_windows
 from lmtrain.errors import UserError
 from lmtrain.sources import TINYSHAKESPEARE, fetch
 from lmtrain.tokenizer import char, gpt2
@@ -100,7 +100,7 @@ def test_random_windows_depend_only_on_seed_rank_and_index():
 
     def make(first, rank=0, world=1, batch=4):
         return RandomWindows(
-            ids, 16, batch, seed=7, num_batches=10, first_batch=lambda: first, rank=rank, world_size=world
+            DeviceTokens(ids), 16, batch, seed=7, num_batches=10, first_batch=lambda: first, rank=rank, world_size=world
         )
 
     full = list(make(0))

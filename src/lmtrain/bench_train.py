@@ -117,9 +117,9 @@ def run_raw(cfg, warmup: int, steps: int) -> tuple[float, float, torch.nn.Module
     module = build.build_module(cfg, datamodule)
     (fast,) = build.apply_fast(cfg, module)
     module.to(device).train()
-    ids = torch.from_numpy(datamodule.corpus.train_ids.astype("int32")).to(device)
+    tokens = datamodule.split_tokens("train", device)
     accumulate = build.accumulation(cfg)
-    windows = RandomWindows(ids, training_block_size(cfg), cfg.trainer.batch_size, cfg.seed, 0, lambda: 0)
+    windows = RandomWindows(tokens, training_block_size(cfg), cfg.trainer.batch_size, cfg.seed, 0, lambda: 0)
     precision = cfg.trainer.precision
     optimizer, scheduler = module.optimizer_and_schedule(device.type, precision)
     dtype = autocast_dtype(precision)

@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -17,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import fast
 from .checkpointing import AtomicCheckpointIO
 from .config import to_container, training_block_size, trains_on_gpu, world_size
-from .data.datamodule import TextDataModule
+from .data.datamodule import WindowDataModule
 from .errors import UserError, one_line
 from .lightning_patches import skip_the_per_batch_sigterm_broadcast
 from .model import GPT
-from .module import LanguageModel, gpt_config
+from .module import ARCHITECTURE, LanguageModel, gpt_config
 
 # Batches are sliced on the device by the dataset itself: loader workers would only add copies.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -62,7 +63,7 @@ def tokens_per_step(cfg: DictConfig) -> int:
     return cfg.trainer.batch_size * training_block_size(cfg) * accumulation(cfg) * world_size(cfg)
 
 
-def build_datamodule(cfg: DictConfig) -> TextDataModule:
+def build_datamodule(cfg: DictConfig) -> WindowDataModule:
     with user_facing_instantiation("the tokenizer"):
         make_tokenizer = instantiate(cfg.tokenizer)
     with user_facing_instantiation("the data module"):
@@ -91,18 +92,19 @@ def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
     return arguments
 
 
-def build_module(cfg: DictConfig, datamodule: TextDataModule) -> LanguageModel:
-    corpus = datamodule.corpus
-    model = model_arguments(cfg, corpus.tokenizer.vocab_size)
+def build_module(cfg: DictConfig, datamodule: WindowDataModule) -> LanguageModel:
+    tokenizer = datamodule.tokenizer
+    model = model_arguments(cfg, tokenizer.vocab_size)
     check_training_state_fits(model, trains_on_gpu(cfg))
     return LanguageModel(
         model=model,
         optim=to_container(cfg.optim),
         max_steps=cfg.trainer.max_steps,
-        tokenizer_state=corpus.tokenizer.state(),
-        chars_per_token={split: corpus.chars_per_token(split) for split in ("val", "train")},
+        tokenizer_state=tokenizer.state(),
+        chars_per_token={split: datamodule.chars_per_token(split) for split in ("val", "train")},
+        bytes_per_token={split: datamodule.bytes_per_token(split) for split in ("val", "train")},
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
-        tokenizer=corpus.tokenizer,
+        tokenizer=tokenizer,
     )
 
 
@@ -130,6 +132,47 @@ def check_training_state_fits(model: dict, on_gpu: bool) -> None:
 def out_of_memory(err: BaseException) -> bool:
     """An allocation that failed: torch's OutOfMemoryError (a GPU), its CPU allocator's error, or Python's."""
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
+def take_pretrained_shape(cfg: DictConfig, command_line: set[str]) -> None:
+    """model.init_from: the model's shape becomes the weights' (model.dropout stays the config's); a shape key the
+    command line set to another value than the weights' is an error, not silently replaced."""
+    from .hf import read_pretrained
+
+    weights = asdict(read_pretrained(cfg.model.init_from, *tokenizer_files(cfg)).config)
+    conflicts = [
+        f"model.{key}={cfg.model[key]} (the weights': {weights[key]})"
+        for key in ARCHITECTURE
+        if f"model.{key}" in command_line and cfg.model[key] != weights[key]
+    ]
+    if conflicts:
+        raise UserError(
+            f"model.init_from={cfg.model.init_from} takes the model's shape from its weights, and the command line "
+            f"sets {', '.join(conflicts)}; remove the override (a shorter training window: data.block_size)"
+        )
+    for key in ARCHITECTURE:
+        cfg.model[key] = weights[key]
+
+
+def load_pretrained_weights(cfg: DictConfig, module: LanguageModel) -> None:
+    """model.init_from's weights into the built model, once its tokenizer is found to be theirs."""
+    from .hf import read_pretrained
+
+    pretrained = read_pretrained(cfg.model.init_from, *tokenizer_files(cfg))
+    theirs, ours = pretrained.tokenizer, module.tokenizer
+    if theirs.state() != ours.state():
+        raise UserError(
+            f"model.init_from={cfg.model.init_from} was trained with a {theirs.kind} tokenizer of {theirs.vocab_size} "
+            f"ids, this run's is {ours.kind} with {ours.vocab_size}: fine-tune with the tokenizer of the weights "
+            f"(tokenizer={theirs.kind}{', the same file or corpus' if theirs.kind != 'gpt2' else ''})"
+        )
+    module.model.load_state_dict(pretrained.state_dict())
+
+
+def tokenizer_files(cfg: DictConfig) -> tuple[str, str | None]:
+    """The cache and mirror GPT-2's tokenizer files come from (the data group's)."""
+    cache = OmegaConf.select(cfg, "data.cache_dir", default=None) or os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")
+    return cache, OmegaConf.select(cfg, "data.mirror", default=None)
 
 
 def apply_fast(cfg: DictConfig, module: LanguageModel) -> list:

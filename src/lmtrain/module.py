@@ -35,6 +35,7 @@ class LanguageModel(L.LightningModule):
         max_steps: int,
         tokenizer_state: dict,
         chars_per_token: dict,
+        bytes_per_token: dict | None = None,
         max_nonfinite_steps: int = 10,
         tokenizer=None,
     ):
@@ -177,6 +178,8 @@ class LanguageModel(L.LightningModule):
             bpc = loss / math.log(2) / self.hparams.chars_per_token[split]
             if split == "val":
                 metrics.update({"val/loss": loss, "val/ppl": loss.exp(), "val/bpc": bpc})
+                if self.hparams.bytes_per_token:  # bits per byte, the unit web-scale results use
+                    metrics["val/bpb"] = loss / math.log(2) / self.hparams.bytes_per_token[split]
             else:
                 metrics.update({"train/eval_loss": loss, "train/eval_bpc": bpc})
         # For checkpointing and callbacks; the loggers get the values at x = optimizer steps taken,

@@ -23,9 +23,13 @@ class Corpus:
     train_ids: np.ndarray
     val_ids: np.ndarray
     chars: dict[str, int]  # characters of each split's text, for bits per character
+    bytes: dict[str, int]  # its UTF-8 bytes, for bits per byte
 
     def chars_per_token(self, split: str) -> float:
         return self.chars[split] / len(self.train_ids if split == "train" else self.val_ids)
+
+    def bytes_per_token(self, split: str) -> float:
+        return self.bytes[split] / len(self.train_ids if split == "train" else self.val_ids)
 
 
 def load_text(name: str, path: str | None, cache_dir: Path, mirror: Path | None) -> str:
@@ -71,7 +75,13 @@ def prepare_corpus(
                 f"corpus too short for block_size={block_size}: its {split} split has {len(ids)} tokens, "
                 f"at least {block_size + 1} are needed; use a longer text or a smaller model.block_size"
             )
-    return Corpus(tokenizer, train_ids, val_ids, chars={"train": len(train_text), "val": len(val_text)})
+    return Corpus(
+        tokenizer,
+        train_ids,
+        val_ids,
+        chars={"train": len(train_text), "val": len(val_text)},
+        bytes={"train": len(train_text.encode()), "val": len(val_text.encode())},
+    )
 
 
 def cached_ids(path: Path, text: str, tokenizer: Tokenizer) -> np.ndarray:

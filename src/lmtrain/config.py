@@ -129,6 +129,17 @@ class DataConfig:
 
 
 @dataclass
+class PreparedDataConfig(DataConfig):
+    """data=prepared: the shards `python -m lmtrain.prepare` wrote, memory-mapped."""
+
+    _target_: str = "lmtrain.data.datamodule.PreparedDataModule"
+    name: str = "prepared"
+    path: str | None = MISSING  # the folder lmtrain.prepare wrote (its manifest.json)
+    on_device: Any = choice("auto", True, False)  # ids resident on the device; auto: where they fit
+    verify: bool = True  # each shard's sha256 checked against the manifest (once per file version)
+
+
+@dataclass
 class TokenizerConfig:
     _target_: str = MISSING
     _partial_: bool = True
@@ -283,6 +294,45 @@ class SampleConfig:
 
 
 @dataclass
+class PrepareDataConfig:
+    """`python -m lmtrain.prepare`'s input and how it is read and split."""
+
+    path: str = MISSING  # a text/jsonl/parquet file, a folder of them (recursively), or hf:NAME
+    workers: int | None = None  # processes; null: every core
+    val_fraction: float = 0.1  # documents drawn by a hash of their position; one text file: its last characters
+    text_field: str = "text"  # the jsonl field or parquet column holding the text
+    errors: str = choice("strict", "replace")  # undecodable bytes: stop naming them, or read them as U+FFFD
+    chunk_mb: int = 16  # input per task: the unit of work, of resume, and of a shard
+    tokenizer_sample_mb: int = 64  # tokenizer=bpe/sentencepiece train on this much of the training documents
+    hf_config: str | None = None  # data.path=hf:NAME: the dataset's configuration, split and data files
+    hf_split: str = "train"
+    hf_data_files: str | None = None
+    mirror: str | None = "${oc.env:LMTRAIN_DATA_MIRROR,null}"  # for GPT-2's tokenizer files
+    cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append(f"data.val_fraction={self.val_fraction} must be between 0 and 1")
+        if self.workers is not None and self.workers < 1:
+            problems.append(f"data.workers={self.workers} must be at least 1 (or null for every core)")
+        for key in ("chunk_mb", "tokenizer_sample_mb"):
+            if getattr(self, key) < 1:
+                problems.append(f"data.{key}={getattr(self, key)} must be at least 1")
+        return problems
+
+
+@dataclass
+class PrepareConfig:
+    """`python -m lmtrain.prepare`: a corpus tokenized once into shards and a manifest."""
+
+    data: PrepareDataConfig = field(default_factory=PrepareDataConfig)
+    tokenizer: Any = MISSING
+    out: str = MISSING  # a new or empty folder (or this command's unfinished one, to resume)
+    progress: bool = True  # Rich progress on the terminal
+
+
+@dataclass
 class ScheduleConfig:
     """`python -m lmtrain.schedule`: the configured warmup + cosine schedule, drawn and checked."""
 
@@ -296,6 +346,8 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="schedule_schema", node=ScheduleConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="prepared_data_schema", node=PreparedDataConfig)
     cs.store(name="gpt2_tokenizer_schema", node=GPT2TokenizerConfig)
     cs.store(name="char_tokenizer_schema", node=CharTokenizerConfig)
     cs.store(name="bpe_tokenizer_schema", node=BPETokenizerConfig)

@@ -12,6 +12,7 @@ SOURCE = Path(lmtrain.__file__).parent
 COMMANDS = {
     "lmtrain.train",
     "lmtrain.sample",
+    "lmtrain.export",
     "lmtrain.schedule",
     "lmtrain.check",
     "lmtrain.report",

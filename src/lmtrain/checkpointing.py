@@ -1,4 +1,5 @@
-"""Checkpoint files: written atomically, read with clear errors, `ckpt_path=last` resolved."""
+"""Checkpoint files: written atomically, read with clear errors (the model and tokenizer in one), `ckpt_path=last`
+resolved."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import UserError
 from .fileio import atomic_write
+from .model import GPT
+from .module import gpt_config
+from .tokenizer import from_state
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -56,6 +60,37 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
             f"{path} is not a Lightning checkpoint written by lmtrain; {_good_ones(path.parent, exclude=path)}"
         )
     return checkpoint
+
+
+def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str | None):
+    """The GPT and the tokenizer a checkpoint was trained with."""
+    folder = Path(ckpt_path)
+    if folder.is_dir():
+        best = next((p for p in (folder / "checkpoints" / "best.ckpt", folder / "best.ckpt") if p.is_file()), None)
+        raise UserError(
+            f"ckpt_path={ckpt_path} is a folder; give a checkpoint file, e.g. "
+            f"ckpt_path={best or '<run>/checkpoints/best.ckpt'}"
+        )
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams, dict) or "model" not in hparams or "tokenizer_state" not in hparams:
+        raise UserError(f"checkpoint {ckpt_path} has no model or tokenizer settings; was it written by lmtrain?")
+    try:
+        model = GPT(gpt_config(hparams["model"]))
+        tokenizer = from_state(hparams["tokenizer_state"], cache_dir, mirror)
+        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(weights)
+    except (AssertionError, AttributeError, KeyError, RuntimeError, TypeError, ValueError) as err:
+        raise UserError(
+            f"checkpoint {ckpt_path}: its model settings, tokenizer and weights do not fit together "
+            f"({type(err).__name__}); the file is damaged or not lmtrain's, use a checkpoint lmtrain wrote"
+        ) from err
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"checkpoint {ckpt_path}: its tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} ids) does not fit its "
+            f"model ({model.config.vocab_size} ids); the file mixes two runs, use a checkpoint written by one run"
+        )
+    return model.to(device).eval(), tokenizer
 
 
 def _good_ones(folder: Path, exclude: Path | None = None) -> str:

@@ -33,6 +33,7 @@ class ModelConfig(GPTConfig):
     vocab_size: int | None = None  # None: the tokenizer's; if set, at least the tokenizer's
     mlp: str = choice("gelu", "gelu_tanh", "relu2")
     norm: str = choice("layernorm", "rms")
+    init_from: str | None = None  # pretrained weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, a folder): their shape
 
     def problems(self) -> list[str]:
         problems = [
@@ -269,7 +270,8 @@ def sampling_problems(prefix: str, temperatures, top_k, top_p, max_new_tokens) -
 class SampleConfig:
     """`python -m lmtrain.sample`: prompts x temperatures from a checkpoint, the lesson's generate_samples."""
 
-    ckpt_path: str = MISSING
+    ckpt_path: str | None = None  # a checkpoint lmtrain wrote, or:
+    init_from: str | None = None  # pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a transformers folder
     prompts: list[str] = field(
         default_factory=lambda: ["ROMEO:\nO, ", "JULIET:\nMy ", "Enter HAMLET\n\nHAMLET:\n", "KING:\nWe shall "]
     )
@@ -290,7 +292,36 @@ class SampleConfig:
             problems.append(f"num_samples={self.num_samples} must be at least 1")
         if not 0 <= self.seed < 2**32:
             problems.append(f"seed={self.seed} must be in [0, 2^32)")
+        if self.ckpt_path is not None and self.init_from is not None:
+            problems.append("ckpt_path and init_from both name a model; give one of them")
         return problems
+
+
+@dataclass
+class ExportConfig:
+    """`python -m lmtrain.export`: a checkpoint as a folder transformers loads (GPT2LMHeadModel and its tokenizer)."""
+
+    ckpt_path: str | None = None  # the checkpoint to export
+    out: str | None = None  # the folder to write
+    overwrite: bool = False  # replace `out` when it is not empty
+    prompt: str = "ROMEO:\n"  # the model card's sample starts here
+    max_new_tokens: int = 200  # the sample's length, in tokens
+    seed: int = 1337
+    mirror: str | None = "${oc.env:LMTRAIN_DATA_MIRROR,null}"  # GPT-2's tokenizer files
+    cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"
+
+    def problems(self) -> list[str]:
+        problems = [f"{key} is missing; {fix}" for key, fix in EXPORT_NEEDS.items() if getattr(self, key) is None]
+        problems += sampling_problems("", [], None, None, self.max_new_tokens)
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed={self.seed} must be in [0, 2^32)")
+        return problems
+
+
+EXPORT_NEEDS = {
+    "ckpt_path": "give the checkpoint to export: ckpt_path=<run>/checkpoints/best.ckpt",
+    "out": "give the folder to write: out=<folder>",
+}
 
 
 @dataclass
@@ -348,6 +379,7 @@ def register_configs() -> None:
     cs.store(name="schedule_schema", node=ScheduleConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="prepared_data_schema", node=PreparedDataConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="gpt2_tokenizer_schema", node=GPT2TokenizerConfig)
     cs.store(name="char_tokenizer_schema", node=CharTokenizerConfig)
     cs.store(name="bpe_tokenizer_schema", node=BPETokenizerConfig)

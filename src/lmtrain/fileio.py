@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,6 +103,36 @@ def writable_folder(folder: Path | str) -> Path:
     except OSError as err:
         raise UserError(f"cannot write in {folder}: {write_failure(err)}") from err
     return folder
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path | str) -> Iterator[Path]:
+    """A folder written whole or not at all: the caller fills the temporary folder yielded, beside `path`; it is
+    then renamed onto `path` (a folder there is moved aside first, and removed once the new one is in place).
+    On failure the temporary folder is removed and `path` is as it was; a write that fails is a UserError."""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        reason = write_failure(err) if isinstance(err, OSError) else None
+        if reason is None:
+            raise
+        raise UserError(f"could not write {path}: {reason} (nothing was written)") from err
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:

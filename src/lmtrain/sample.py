@@ -3,55 +3,23 @@
 Each prompt at each temperature, streamed token by token, as the lesson's generate_samples prints them.
 The model and the tokenizer both come from the checkpoint; the same seed gives the same text.
     python -m lmtrain.sample ckpt_path=... prompts='["ROMEO:\\n"]' temperatures='[0.8]' top_p=0.9
+    python -m lmtrain.sample init_from=hf/shakespeare temperatures='[0]'   # an exported folder or gpt2 ... gpt2-xl
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checkpointing import load_checkpoint
+from .checkpointing import load_model
 from .cli import command
 from .config import unknown_key_problems
 from .errors import UserError, describe_hydra_error
 from .model import GPT
-from .module import gpt_config
-from .tokenizer import encode_prompt, from_state
-
-
-def load_model(ckpt_path: str, device: torch.device, cache_dir: str, mirror: str | None):
-    """The GPT and the tokenizer a checkpoint was trained with."""
-    folder = Path(ckpt_path)
-    if folder.is_dir():
-        best = next((p for p in (folder / "checkpoints" / "best.ckpt", folder / "best.ckpt") if p.is_file()), None)
-        raise UserError(
-            f"ckpt_path={ckpt_path} is a folder; give a checkpoint file, e.g. "
-            f"ckpt_path={best or '<run>/checkpoints/best.ckpt'}"
-        )
-    checkpoint = load_checkpoint(ckpt_path)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if not isinstance(hparams, dict) or "model" not in hparams or "tokenizer_state" not in hparams:
-        raise UserError(f"checkpoint {ckpt_path} has no model or tokenizer settings; was it written by lmtrain?")
-    try:
-        model = GPT(gpt_config(hparams["model"]))
-        tokenizer = from_state(hparams["tokenizer_state"], cache_dir, mirror)
-        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(weights)
-    except (AssertionError, AttributeError, KeyError, RuntimeError, TypeError, ValueError) as err:
-        raise UserError(
-            f"checkpoint {ckpt_path}: its model settings, tokenizer and weights do not fit together "
-            f"({type(err).__name__}); the file is damaged or not lmtrain's, use a checkpoint lmtrain wrote"
-        ) from err
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"checkpoint {ckpt_path}: its tokenizer ({tokenizer.kind}, {tokenizer.vocab_size} ids) does not fit its "
-            f"model ({model.config.vocab_size} ids); the file mixes two runs, use a checkpoint written by one run"
-        )
-    return model.to(device).eval(), tokenizer
+from .tokenizer import encode_prompt
 
 
 def pick_device(name: str) -> torch.device:
@@ -88,8 +56,11 @@ def stream_sample(model: GPT, tokenizer, prompt: str, generator: torch.Generator
 
 
 def sample(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise UserError("ckpt_path is missing; give the checkpoint to sample: ckpt_path=<run>/checkpoints/best.ckpt")
+    if cfg.get("ckpt_path") is None and cfg.get("init_from") is None:
+        raise UserError(
+            "ckpt_path is missing; give the checkpoint to sample: ckpt_path=<run>/checkpoints/best.ckpt, "
+            "or pretrained weights: init_from=gpt2 (gpt2-medium, gpt2-large, gpt2-xl, a transformers folder)"
+        )
     try:
         problems = unknown_key_problems(cfg, ()) or OmegaConf.to_object(cfg).problems()
     except OmegaConfBaseException as err:  # an interpolation of a key not there: ${seeds}
@@ -97,7 +68,13 @@ def sample(cfg: DictConfig) -> None:
     if problems:
         raise UserError("; ".join(problems))
     device = pick_device(cfg.device)
-    model, tokenizer = load_model(cfg.ckpt_path, device, cfg.cache_dir, cfg.mirror)
+    if cfg.ckpt_path is not None:
+        model, tokenizer = load_model(cfg.ckpt_path, device, cfg.cache_dir, cfg.mirror)
+    else:
+        from .hf import pretrained_model
+
+        model, tokenizer = pretrained_model(cfg.init_from, cfg.cache_dir, cfg.mirror)
+        model = model.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     number = 0
     with autocast:

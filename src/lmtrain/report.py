@@ -327,6 +327,24 @@ def corpus_of(run: Run) -> str | None:
         return None
 
 
+def fine_tuned_line(run: Run) -> str:
+    """A run fine-tuned from pretrained weights (model.init_from): its best val bpc, the figure that compares it
+    with runs trained from scratch on any tokenizer ("" for those runs themselves)."""
+    try:
+        model = yaml.safe_load((run.path / ".hydra" / "config.yaml").read_text(encoding="utf-8"))["model"]
+        init_from = model.get("init_from")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return ""
+    top = best(run.series("val/loss"))
+    bpc = dict(run.series("val/bpc")).get(top[0]) if top else None
+    if not init_from or bpc is None:
+        return ""
+    return (
+        f"Fine-tuned from `{init_from}` (model.init_from): best val bpc {bpc:.3f} at step {top[0]}, in bits per "
+        "character as the runs trained from scratch state theirs (nats per token depend on the tokenizer).\n\n"
+    )
+
+
 def failed_jobs_section(folder: Path) -> str:
     """The sweep's failed jobs, as lmtrain.sweeps records them in failed_jobs.json (none: no section)."""
     path = folder / "failed_jobs.json"
@@ -351,7 +369,8 @@ def report(folder: Path) -> Path:
         items = checklist(run, corpus)
         text = (
             f"# Run {folder}\n\n{' '.join(run.overrides) or '(no overrides)'}\n\n"
-            "## The lesson's table, re-measured\n\n"
+            + fine_tuned_line(run)
+            + "## The lesson's table, re-measured\n\n"
             + lesson_table(run)
             + "\n## The lesson's checklist\n\n| check | measured | result |\n|---|---|---|\n"
             + "".join(f"| {what} | {measured} | {'pass' if ok else 'FAIL'} |\n" for what, measured, ok in items)

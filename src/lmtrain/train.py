@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .cli import command
+from .cli import command, record_resolved_config
 from .config import check_machine, training_block_size, validate
 from .console import say
 from .errors import UserError
@@ -25,6 +25,9 @@ from .fileio import run_folder_lock
 def train(cfg: DictConfig) -> float:
     """One training run from a composed config; returns its best val/loss (what a sweeper minimises)."""
     from . import build  # here, not above: `--cfg job` and `--help` print without importing Lightning
+    if cfg.model.init_from:
+        build.take_pretrained_shape(cfg, command_line_keys())
+        record_again(cfg)
     validate(cfg)
     check_machine(cfg)
     if cfg.ckpt_path == "last":
@@ -43,6 +46,8 @@ def fit(cfg: DictConfig) -> float:
     datamodule = build.build_datamodule(cfg)
     datamodule.prepare_data()
     module = build.build_module(cfg, datamodule)
+    if cfg.model.init_from and cfg.ckpt_path is None:  # a resumed run's weights are its checkpoint's
+        build.load_pretrained_weights(cfg, module)
     callbacks = build.build_callbacks(cfg) + build.apply_fast(cfg, module)
     logger = build.build_logger(cfg)
     trainer = build.build_trainer(cfg, callbacks, logger)
@@ -63,6 +68,25 @@ def fit(cfg: DictConfig) -> float:
         ) from err
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(best) if best is not None else float(trainer.callback_metrics.get("val/loss", "nan"))
+
+
+def command_line_keys() -> set[str]:
+    """The keys the command line set (`model.n_layer=12`: model.n_layer), none outside Hydra's main."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return set()
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return {override.key_or_group for override in overrides}
+
+
+def record_again(cfg: DictConfig) -> None:
+    """The run's .hydra/config.yaml with the values filled in since Hydra wrote it (the pretrained shape)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        record_resolved_config(cfg)
 
 
 def launching_process() -> bool:

@@ -239,7 +239,7 @@ def test_report_exits_0_or_2(run_dir, tmp_path_factory, which, extra, data):
     folder = tmp_path_factory.mktemp("report")
     run = folder / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.ckpt"), symlinks=True)
-    events = sorted(run.glob("tb/events.out.tfevents.*"))
+    events = sorted(run.glob("tb/*/events.out.tfevents.*"))
     damaged = {}
     for path in [*events, run / ".hydra/overrides.yaml", run / ".hydra/config.yaml", run / "samples.txt"]:
         damaged[path] = data.draw(DAMAGE, label=str(path.relative_to(run)))

@@ -242,7 +242,7 @@ def test_tensorboard_has_one_event_file_and_an_hparams_row_with_the_results(smok
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     run_dir, _ = smoke_run
-    (events,) = (run_dir / "tb").glob("events.out.tfevents.*")
+    (events,) = run_dir.glob("tb/*/events.out.tfevents.*")
     reader = EventAccumulator(str(events), size_guidance={"tensors": 0, "scalars": 0})
     reader.Reload()
     experiment = None

@@ -165,7 +165,8 @@ def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     from .build import model_arguments
     from .cli import compose
     from .fast.cuda_graphs import generate as graphed_generate
-    from .model import GPT, GPTConfig
+    from .model import GPT
+    from .module import gpt_config
 
     parser = argparse.ArgumentParser(prog="python -m lmtrain.bench generate")
     parser.add_argument("--vocab", type=int, default=50257)
@@ -175,7 +176,7 @@ def bench_generate(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose("train", [*overrides, f"output_dir={tmp}"])
-    model = GPT(GPTConfig(**model_arguments(cfg, args.vocab))).to(device).eval()
+    model = GPT(gpt_config(model_arguments(cfg, args.vocab))).to(device).eval()
     new_tokens = model.config.block_size - 1
     prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

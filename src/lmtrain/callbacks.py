@@ -313,7 +313,6 @@ class RunSummary(Callback):
         atomic_write_bytes(self.path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
         say(summary_table(summary, self.path))
 
-
     @staticmethod
     def log_results(trainer: L.Trainer, summary: dict) -> None:
         """The run's results as metrics hparams/<name> (TensorBoard: its HPARAMS row, with the settings)."""

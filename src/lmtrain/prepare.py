@@ -65,11 +65,21 @@ def prepare(cfg: DictConfig) -> None:
     todo = [i for i in range(len(tasks)) if i not in records]
     workers = min(data.workers or available_cores(), max(len(todo), 1))
     if todo:
-        say(f"prepare: {len(tasks)} pieces of {source.path}, {len(todo)} to tokenize on {workers} processes" +
-            (f" ({len(tasks) - len(todo)} done before)" if records else ""))
+        say(
+            f"prepare: {len(tasks)} pieces of {source.path}, {len(todo)} to tokenize on {workers} processes"
+            + (f" ({len(tasks) - len(todo)} done before)" if records else "")
+        )
     job = Job(source, tasks, tokenizer, separator_ids(tokenizer), data.val_fraction, out)
-    records.update(run_pool(job, todo, workers, total_bytes=sum(size for _, size in files) or None,
-                            done_bytes=sum(r["input_bytes"] for r in records.values()), progress=cfg.progress))
+    records.update(
+        run_pool(
+            job,
+            todo,
+            workers,
+            total_bytes=sum(size for _, size in files) or None,
+            done_bytes=sum(r["input_bytes"] for r in records.values()),
+            progress=cfg.progress,
+        )
+    )
     manifest = assemble_manifest(plan, records, tokenizer, job, files, source)
     write_manifest(out, manifest)
     shutil.rmtree(out / STATE, ignore_errors=True)
@@ -280,8 +290,14 @@ def tokenize_task(index: int) -> dict:
     job.progress.put(tuple(unreported))
     for shard in shards:
         shard["split"] = shard["path"].split("/")[0]
-    record = {"index": index, "dtype": job.dtype.name, "shards": shards, "stats": stats, "empty_documents": empty,
-              "input_bytes": input_bytes}
+    record = {
+        "index": index,
+        "dtype": job.dtype.name,
+        "shards": shards,
+        "stats": stats,
+        "empty_documents": empty,
+        "input_bytes": input_bytes,
+    }
     try:
         atomic_write_bytes(job.out / STATE / "done" / f"{index:06d}.json", json.dumps(record).encode())
     except UserError as err:
@@ -313,8 +329,8 @@ def run_pool(job: Job, todo: list[int], workers: int, total_bytes, done_bytes: i
         pool.close()
     except KeyboardInterrupt:
         raise StoppedBySignal(
-            signal.SIGINT, f"prepare stopped: {len(records)} of {len(todo)} pieces written this run; "
-            "run the same command to continue"
+            signal.SIGINT,
+            f"prepare stopped: {len(records)} of {len(todo)} pieces written this run; run the same command to continue",
         ) from None
     except UserError as err:
         if "disk is full" in str(err) and "kept" not in str(err):
@@ -336,8 +352,14 @@ def progress_display(enabled: bool, total_bytes, done_bytes: int):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     started, tokens = time.monotonic(), [0]
-    columns = (TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TextColumn("{task.fields[tokens]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("prepare"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[tokens]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("prepare", total=total_bytes, completed=done_bytes, tokens="")
 
@@ -371,8 +393,12 @@ def assemble_manifest(plan: dict, records: dict, tokenizer, job: Job, files: lis
         "format": FORMAT,
         "version": VERSION,
         "settings_key": plan["settings_key"],
-        "tokenizer": {"kind": tokenizer.kind, "fingerprint": fingerprint(tokenizer), "vocab_size": tokenizer.vocab_size,
-                      "state": plan["tokenizer"]},
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "fingerprint": fingerprint(tokenizer),
+            "vocab_size": tokenizer.vocab_size,
+            "state": plan["tokenizer"],
+        },
         "dtype": job.dtype.name,
         "separator": job.separator,
         "split_by": plan["split_by"],

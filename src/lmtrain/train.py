@@ -25,6 +25,7 @@ from .fileio import run_folder_lock
 def train(cfg: DictConfig) -> float:
     """One training run from a composed config; returns its best val/loss (what a sweeper minimises)."""
     from . import build  # here, not above: `--cfg job` and `--help` print without importing Lightning
+
     if cfg.model.init_from:
         build.take_pretrained_shape(cfg, command_line_keys())
         record_again(cfg)

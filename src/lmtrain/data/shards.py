@@ -58,8 +58,11 @@ class ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.partial, self.path)
-        return {"path": self.path.relative_to(self.path.parent.parent).as_posix(), "tokens": self.tokens,
-                "sha256": self.digest.hexdigest()}
+        return {
+            "path": self.path.relative_to(self.path.parent.parent).as_posix(),
+            "tokens": self.tokens,
+            "sha256": self.digest.hexdigest(),
+        }
 
     def discard(self) -> None:
         if self.file is not None:
@@ -75,8 +78,11 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         unfinished = any(folder.glob("*/*.bin")) or (folder / ".prepare").is_dir()
-        why = "an unfinished preparation (run the same lmtrain.prepare command again to finish it)" if unfinished \
+        why = (
+            "an unfinished preparation (run the same lmtrain.prepare command again to finish it)"
+            if unfinished
             else "not a folder written by `python -m lmtrain.prepare`"
+        )
         raise UserError(f"data.path={folder} has no {MANIFEST}: it is {why}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))

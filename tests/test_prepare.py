@@ -159,7 +159,7 @@ def test_data_prepared_trains_as_data_shakespeare_does(tmp_path):
 @pytest.mark.slow
 def test_a_killed_prepare_run_again_ends_with_the_same_files(corpus, prepared, tmp_path):
     out = tmp_path / "killed"
-    assert subprocess_prepare(corpus, out, stop_after_records=2), "prepare finished before the kill"
+    assert subprocess_prepare(corpus, out, stop_after_records=2) is not None, "prepare finished before the kill"
     assert not (out / "manifest.json").exists() and len(list((out / ".prepare" / "done").glob("*.json"))) >= 2
     (out / "train" / "999999.bin.partial").write_bytes(b"\0" * 100)  # as a piece being written leaves it
     run_prepare(corpus, out, "data.workers=2")
@@ -167,8 +167,22 @@ def test_a_killed_prepare_run_again_ends_with_the_same_files(corpus, prepared, t
     assert not (out / ".prepare").exists() and not list(out.rglob("*.partial"))
 
 
-def subprocess_prepare(corpus: Path, out: Path, stop_after_records: int) -> bool:
-    """Start prepare in its own process group and SIGKILL the whole group once pieces are recorded."""
+@pytest.mark.slow
+def test_sigterm_stops_prepare_with_143_and_leaves_no_worker(corpus, prepared, tmp_path):
+    out = tmp_path / "terminated"
+    assert subprocess_prepare(corpus, out, stop_after_records=1, signum=signal.SIGTERM, workers=2) == 143
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the pool's workers were stopped with their parent
+        os.killpg(subprocess_prepare.last_group, 0)
+    run_prepare(corpus, out)
+    assert file_hashes(out) == file_hashes(prepared)
+
+
+def subprocess_prepare(
+    corpus: Path, out: Path, stop_after_records: int, signum: int = signal.SIGKILL, workers: int = 1
+) -> int | None:
+    """Start prepare in its own process group and, once pieces are recorded, SIGKILL the whole group (or send
+    `signum` to prepare's own process): its exit code, None if it finished first."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -178,22 +192,26 @@ def subprocess_prepare(corpus: Path, out: Path, stop_after_records: int) -> bool
             f"out={out}",
             "progress=false",
             "data.chunk_mb=1",
-            "data.workers=1",
+            f"data.workers={workers}",
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    subprocess_prepare.last_group = process.pid
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if len(list((out / ".prepare" / "done").glob("*.json"))) >= stop_after_records:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return True
+            if signum == signal.SIGKILL:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.send_signal(signum)
+            code = process.wait(timeout=60)
+            return 128 + signum if code == -signum else code
         time.sleep(0.02)
     process.kill()
-    return False
+    return None
 
 
 def test_windows_across_shards_are_the_concatenation_s_and_follow_the_seed(prepared):

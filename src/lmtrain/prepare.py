@@ -314,6 +314,7 @@ def run_pool(job: Job, todo: list[int], workers: int, total_bytes, done_bytes: i
     _job = job
     records = {}
     pool = context.Pool(workers)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # after the fork: the workers keep the default
     try:
         with progress_display(progress, total_bytes, done_bytes) as advance:
             pending = pool.imap_unordered(tokenize_task, todo)
@@ -327,9 +328,9 @@ def run_pool(job: Job, todo: list[int], workers: int, total_bytes, done_bytes: i
                     while True:
                         advance(*job.progress.get_nowait())
         pool.close()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as stop:
         raise StoppedBySignal(
-            signal.SIGINT,
+            signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT,
             f"prepare stopped: {len(records)} of {len(todo)} pieces written this run; run the same command to continue",
         ) from None
     except UserError as err:
@@ -337,10 +338,19 @@ def run_pool(job: Job, todo: list[int], workers: int, total_bytes, done_bytes: i
             raise UserError(f"{err}; the finished shards are kept: free space and run the same command") from None
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         pool.terminate()
         pool.join()
         _job = None
     return records
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise _Terminated
 
 
 @contextlib.contextmanager

@@ -43,14 +43,20 @@ def documented(section: str) -> set[str]:
     """The keys in the first column of the tables under the `## <section>` heading of docs/options.md."""
     text = (REPO / "docs" / "options.md").read_text(encoding="utf-8")
     body = text.split(f"## `{section}`", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `([^`]+)` \|", body, flags=re.MULTILINE))
+    cells = re.findall(r"^\| (`[^|]+`) \|", body, flags=re.MULTILINE)  # a cell may name several: `a`, `b`
+    return {key for cell in cells for key in re.findall(r"`([^`]+)`", cell)}
 
 
-def test_every_training_key_has_a_row_in_the_options_table():
+def training_keys() -> set[str]:
+    """The train schema's keys, with those of the tokenizer and data options that add their own."""
     keys = schema_keys(config.TrainConfig) - {"tokenizer"}
     for tokenizer in (config.BPETokenizerConfig, config.SentencePieceTokenizerConfig):
         keys |= schema_keys(tokenizer, "tokenizer.")
-    missing = keys - documented("python -m lmtrain.train")
+    return keys | schema_keys(config.PreparedDataConfig, "data.")
+
+
+def test_every_training_key_has_a_row_in_the_options_table():
+    missing = training_keys() - documented("python -m lmtrain.train")
     assert not missing, f"docs/options.md has no row for {sorted(missing)}"
 
 
@@ -60,10 +66,15 @@ def test_every_sample_and_schedule_key_has_a_row():
     assert not schedule_only - documented("python -m lmtrain.schedule")
 
 
+def test_every_prepare_key_has_a_row():
+    rows = documented("python -m lmtrain.prepare")
+    keys = schema_keys(config.PrepareConfig) - {"tokenizer"}
+    assert not keys - rows, f"docs/options.md has no prepare row for {sorted(keys - rows)}"
+    assert not rows - keys, f"docs/options.md documents prepare keys that do not exist: {sorted(rows - keys)}"
+
+
 def test_every_option_row_names_a_real_key():
-    keys = schema_keys(config.TrainConfig) | schema_keys(config.BPETokenizerConfig, "tokenizer.")
-    keys |= schema_keys(config.SentencePieceTokenizerConfig, "tokenizer.")
-    stale = documented("python -m lmtrain.train") - keys
+    stale = documented("python -m lmtrain.train") - training_keys()
     assert not stale, f"docs/options.md documents keys that do not exist: {sorted(stale)}"
 
 

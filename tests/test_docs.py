@@ -95,8 +95,8 @@ def test_the_readme_stays_short():
 
 # --- every command written in the README, a config or a docstring, run as written ---------------------------
 # What a reader fills in (in this order); <run> is a run the test trains first, <sweep> the folder of the last sweep.
-FILLED = {r"--gpt2 DIR\b": f"--gpt2 {MIRROR / 'gpt2'}", r"\bout=DIR\b": "out=prepared", r"\bdata\.path=DIR\b": "data.path=prepared",
-          r"=INPUT\b": "=corpus/",
+FILLED = {r"--gpt2 DIR\b": f"--gpt2 {MIRROR / 'gpt2'}", r"\bout=DIR\b": "out=prepared",
+          r"\bdata\.path=DIR\b": "data.path=prepared", r"=INPUT\b": "=corpus/",
           r"\bINPUT\.\.\.": "data.txt", r"\bIDS_FILE\b": "ids.npy", r"\bFILE\b": "data.txt",
           r"ckpt_path=\.\.\.": "ckpt_path=<run>/checkpoints/best.ckpt", r"outputs/multirun/<date>/<time>": "<sweep>",
           r"outputs/<date>/<time>": "<run>", r"outputs/<run>": "<run>", r"\s\.\.\.$": ""}  # fmt: skip

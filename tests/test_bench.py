@@ -40,7 +40,7 @@ def test_bench_train_writes_every_field(tmp_path, path):
     result = json.loads(out.read_text())
     assert result["path"] == ("raw loop" if path else "Lightning Trainer")
     assert result["device"] == "cpu" and result["steps"] == 3 and result["warmup_steps"] == 1
-    assert result["tokens_per_step"] == 8 * 32  # smoke: 8 sequences of 32 tokens
+    assert result["tokens_per_step"] == 16 * 64  # smoke: 16 sequences of 64 tokens
     assert result["ms_per_step"] > 0 and result["startup_compile_warmup_s"] > 0
     assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["ms_per_step"] * 1e3)
     assert result["flops_per_token"] > 0
@@ -51,7 +51,7 @@ def test_bench_generate_times_each_decoding_path_this_machine_has(tmp_path):
     out = tmp_path / "generate.json"
     bench_main(["generate", "--vocab", "65", "--out", str(out), "experiment=smoke"])
     result = json.loads(out.read_text())
-    assert result["new_tokens"] == 31  # smoke: block 32, one prompt token
+    assert result["new_tokens"] == 63  # smoke: block 64, one prompt token
     paths = {key for key in result if key.startswith("tokens_per_s_")}
     graphs = {"tokens_per_s_cuda_graph"} if torch.cuda.is_available() else set()
     assert paths == {"tokens_per_s_cache", "tokens_per_s_no_cache"} | graphs

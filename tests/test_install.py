@@ -45,4 +45,4 @@ def test_the_wheel_finds_its_configs_from_another_folder(tmp_path):
     ).split()
     assert where == [str(site / "lmtrain" / "__init__.py"), str(site / "lmtrain" / "conf")]
     printed = run(sys.executable, "-m", "lmtrain.train", "--cfg", "job", "experiment=smoke", cwd=elsewhere, env=env)
-    assert "model:" in printed and "block_size: 32" in printed  # experiment=smoke's model, from the wheel's conf
+    assert "model:" in printed and "block_size: 64" in printed  # experiment=smoke's model, from the wheel's conf

@@ -107,7 +107,8 @@ SMALL_MODEL = ("model.n_layer=1", "model.n_head=1", "model.n_embd=4", "model.blo
 SHORT_RUN = ("trainer.max_steps=2", "trainer.eval_interval=2", "optim.warmup_steps=0")
 SHORT_SWEEP = ("trainer.max_steps=200", "trainer.eval_interval=200")  # the longest warmup a written sweep tries
 SMALLER = {"lmtrain.sample": ("max_new_tokens=4",), "lmtrain.bench tokenizer": ("--sizes", "512", "--repeats", "1"),
-           "lmtrain.bench train": (*SMALL_MODEL, "--steps", "1", "--warmup", "1")}  # fmt: skip
+           "lmtrain.bench train": (*SMALL_MODEL, "--steps", "1", "--warmup", "1"),
+           "lmtrain.bench prepare": ("--sizes-gb", "0.001", "--no-startup")}  # fmt: skip
 GPU_ONLY = re.compile(r"\bfast=(?!none\b)|\bfast\.loss=fused\b|\btrainer=ddp\b")  # CUDA graphs, Triton, one per GPU
 
 

@@ -2,6 +2,7 @@
 
 python -m lmtrain.bench tokenizer [--sizes 512,1024,4096,8192] [--repeats 3] [--no-naive] [--out FILE]
 python -m lmtrain.bench train [--raw] [--steps N] [--warmup N] [--out FILE] [training overrides ...]
+python -m lmtrain.bench prepare [--sizes-gb 0.2,1,2] [--workers N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def tokenizer_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("tokenizer", "train", "generate"):
+    if not argv or argv[0] not in ("tokenizer", "train", "generate", "prepare"):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     from .errors import exit_on_user_error
@@ -228,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
             results = bench_tokenizer(args)
         elif argv[0] == "generate":
             args, results = bench_generate(argv[1:])
+        elif argv[0] == "prepare":
+            from .bench_prepare import bench_prepare
+
+            args, results = bench_prepare(argv[1:])
         else:
             from .bench_train import bench_train
 

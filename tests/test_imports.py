@@ -20,7 +20,7 @@ COMMANDS = {
     "lmtrain.bench_train",
     "lmtrain.tokenizer.__main__",
 }
-SUBCOMMANDS = {"lmtrain.bench": {"lmtrain.bench_train"}}  # `python -m lmtrain.bench train` runs bench_train
+SUBCOMMANDS = {"lmtrain.bench": {"lmtrain.bench_train", "lmtrain.bench_prepare"}}  # `bench train` runs bench_train
 
 
 def module_files() -> dict[str, Path]:

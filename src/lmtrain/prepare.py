@@ -250,6 +250,7 @@ def tokenize_task(index: int) -> dict:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool
     writers = {split: ShardWriter(job.out, shard_name(split, index), job.dtype) for split in SPLITS}
     pending: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    pending_tokens = dict.fromkeys(SPLITS, 0)
     stats = {split: dict.fromkeys(("documents", "characters", "bytes", "tokens"), 0) for split in SPLITS}
     empty, input_bytes, unreported = 0, 0, [0, 0]
     separator = np.asarray(job.separator, dtype=np.int64)
@@ -271,9 +272,10 @@ def tokenize_task(index: int) -> dict:
                 n = len(ids) + (len(separator) if document.ends else 0)
                 counts["tokens"] += n
                 unreported[1] += n
-                if sum(len(a) for a in pending[split]) >= FLUSH_TOKENS:
+                pending_tokens[split] += n
+                if pending_tokens[split] >= FLUSH_TOKENS:
                     writers[split].write(np.concatenate(pending[split]))
-                    pending[split] = []
+                    pending[split], pending_tokens[split] = [], 0
                 if unreported[0] >= PROGRESS_BYTES:
                     job.progress.put(tuple(unreported))
                     unreported = [0, 0]

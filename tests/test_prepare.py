@@ -401,6 +401,7 @@ def test_training_on_an_unfinished_folder_is_one_line_exit_2(prepared, tmp_path)
 
 def test_a_hugging_face_dataset_is_read_through_datasets(corpus, tmp_path):
     """Offline: datasets' own json builder over local files, the code path of data.path=hf:NAME."""
+    pytest.importorskip("datasets", reason="the optional extra .[hf]")
     manifest = run_prepare("hf:json", tmp_path / "hf", f"data.hf_data_files={corpus / 'a.jsonl'}")
     texts = [json.loads(line)["text"] for line in (corpus / "a.jsonl").read_text().splitlines()]
     splits = manifest["splits"]

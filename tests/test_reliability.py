@@ -369,9 +369,28 @@ def test_damaged_tokenizer_and_checkpoint_files_are_user_errors(tmp_path_factory
     "override, message",
     [
         ("model.vocab_size=100000000000", "M parameters, whose training state needs"),  # refused before allocating
-        ("trainer.batch_size=1000000000000", "out of memory after step 0 with trainer.batch_size=1000000000000"),
+        ("trainer.batch_size=1000000000000", "trainer.batch_size=1000000000000 windows of 64 tokens need at least"),
     ],
 )
 def test_sizes_beyond_the_memory_are_one_line_naming_the_setting(tmp_path, override, message):
     result = train_here(tmp_path / "run", "experiment=smoke", override)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_an_allocation_failing_during_training_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    """A batch that passes the estimate yet does not fit (the estimate is a lower bound): the same advice, after
+    the steps taken, and the checkpoints written before it stay."""
+    from lmtrain.module import LanguageModel
+
+    step = LanguageModel.training_step
+
+    def fails_at_step_20(self, batch, index):
+        if self.trainer.global_step == 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return step(self, batch, index)
+
+    monkeypatch.setattr(LanguageModel, "training_step", fails_at_step_20)
+    result = train_here(tmp_path / "run", "experiment=smoke")
+    assert result.returncode == 2, result.stderr
+    assert "out of memory after step 20 with trainer.batch_size=16 and block size 64" in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-000020.ckpt").exists()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
 
 from lmtrain import sample as sample_main
-from lmtrain.check import underflow_demo
+from lmtrain.check import accumulation_check, underflow_demo
 from lmtrain.errors import UserError
 
 from .conftest import compose, process_state_kept, run_cli, smoke_here, train_here
@@ -133,3 +134,14 @@ def test_a_training_sample_prompt_outside_the_vocabulary_stops_the_run_before_it
     result = train_here(tmp_path, "experiment=smoke", 'callbacks.sample_text.prompt="\u03a9"')
     assert result.returncode == 2 and "change callbacks.sample_text.prompt" in result.stderr
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_check_accumulation_is_quiet_on_a_machine_with_a_gpu(monkeypatch):
+    """It runs on the CPU on purpose: Lightning's "GPU available but not used" is not for the reader."""
+    from lightning.pytorch.trainer import setup
+
+    monkeypatch.setattr(setup.CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, match = accumulation_check()
+    assert match and not [w for w in caught if "GPU available" in str(w.message)]

@@ -95,7 +95,7 @@ def model_arguments(cfg: DictConfig, vocab_size: int) -> dict:
 def build_module(cfg: DictConfig, datamodule: WindowDataModule) -> LanguageModel:
     tokenizer = datamodule.tokenizer
     model = model_arguments(cfg, tokenizer.vocab_size)
-    check_training_state_fits(model, trains_on_gpu(cfg))
+    check_training_fits(model, cfg.trainer.batch_size, training_block_size(cfg), trains_on_gpu(cfg))
     return LanguageModel(
         model=model,
         optim=to_container(cfg.optim),
@@ -109,23 +109,36 @@ def build_module(cfg: DictConfig, datamodule: WindowDataModule) -> LanguageModel
 
 
 TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, AdamW's two moments
+# A micro-batch's least: its int64 windows (T+1 ids a row) and one residual stream in bf16, whatever fast= fuses.
+WINDOW_BYTES_PER_ID, RESIDUAL_BYTES_PER_VALUE = 8, 2
 
 
-def check_training_state_fits(model: dict, on_gpu: bool) -> None:
-    """A model whose weights, gradients and optimizer state alone exceed the device's memory is refused before
-    it is allocated (the allocation fails with a traceback, or the system's OOM killer ends the process)."""
+def memory_of(on_gpu: bool) -> tuple[str, int]:
+    if on_gpu:
+        return "the GPU", torch.cuda.get_device_properties(0).total_memory
+    return "this machine", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_training_fits(model: dict, batch_size: int, block_size: int, on_gpu: bool) -> None:
+    """A model whose weights, gradients and optimizer state, or a micro-batch whose windows and one residual
+    stream, alone exceed the device's memory is refused before it is allocated (the allocation fails with a
+    traceback, or, where the system overcommits, the OOM killer ends the process after a long stall)."""
     with torch.device("meta"):  # shapes only: nothing allocated
         parameters = sum(p.numel() for p in GPT(gpt_config(model)).parameters())
-    if on_gpu:
-        device, memory = "the GPU", torch.cuda.get_device_properties(0).total_memory
-    else:
-        device, memory = "this machine", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    device, memory = memory_of(on_gpu)
     needed = parameters * TRAINING_BYTES_PER_PARAMETER
     if needed > memory:
         sizes = ", ".join(f"model.{key}={model[key]}" for key in ("vocab_size", "n_embd", "n_layer", "block_size"))
         raise UserError(
             f"the model ({sizes}) has {parameters / 1e6:,.0f} M parameters, whose training state needs "
             f"{needed / 2**30:,.0f} GiB and {device} has {memory / 2**30:,.0f} GiB; make the model smaller"
+        )
+    per_row = (block_size + 1) * WINDOW_BYTES_PER_ID + block_size * model["n_embd"] * RESIDUAL_BYTES_PER_VALUE
+    if batch_size * per_row > memory:
+        raise UserError(
+            f"trainer.batch_size={batch_size} windows of {block_size} tokens need at least "
+            f"{batch_size * per_row / 2**30:,.0f} GiB for one micro-batch and {device} has {memory / 2**30:,.0f} GiB: "
+            "lower trainer.batch_size (raise trainer.accumulate_grad_batches to keep the tokens per step)"
         )
 
 

@@ -39,14 +39,16 @@ class _GradientCapture(Callback):
 
 @contextmanager
 def _lightning_quiet() -> Iterator[None]:
-    """Without Lightning's INFO lines (devices, a litlogger tip, max_steps reached: the check says what it ran) and
-    the FutureWarning of its CombinedLoader building torch's deprecated LeafSpec (Lightning 2.6 on torch 2.13)."""
+    """Without Lightning's INFO lines (devices, a litlogger tip, max_steps reached: the check says what it ran), its
+    "GPU available but not used" and the FutureWarning of its CombinedLoader building torch's deprecated LeafSpec
+    (Lightning 2.6 on torch 2.13)."""
     logger = logging.getLogger("lightning.pytorch")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            warnings.filterwarnings("ignore", message="GPU available but not used")  # the check runs on the CPU
             yield
     finally:
         logger.setLevel(level)

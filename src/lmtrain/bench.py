@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,11 +27,9 @@ def best_time(fn, repeats: int) -> float:
 
 
 def shakespeare_text() -> str:
-    from .sources import TINYSHAKESPEARE, fetch
+    from .sources import TINYSHAKESPEARE, cache_and_mirror, fetch
 
-    cache = Path(os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")).expanduser()
-    mirror = os.environ.get("LMTRAIN_DATA_MIRROR")
-    return fetch(TINYSHAKESPEARE, cache, Path(mirror) if mirror else None).read_text(encoding="utf-8")
+    return fetch(TINYSHAKESPEARE, *cache_and_mirror()).read_text(encoding="utf-8")
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -104,13 +101,11 @@ def bench_tokenizer(args) -> dict:
 
 
 def _tiktoken_gpt2_available() -> bool:
+    from .sources import cache_and_mirror
     from .tokenizer.gpt2 import load_gpt2
 
     try:
-        mirror = os.environ.get("LMTRAIN_DATA_MIRROR")
-        load_gpt2(
-            Path(os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")).expanduser(), Path(mirror) if mirror else None
-        )
+        load_gpt2(*cache_and_mirror())
         return True
     except Exception:  # noqa: BLE001 - the benchmark just leaves the row out
         return False

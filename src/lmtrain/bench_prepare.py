@@ -46,15 +46,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 # --- the corpus -------------------------------------------------------------------------------------------
-def cache_and_mirror() -> tuple[Path, Path | None]:
-    """Where downloads are cached and copied from (LMTRAIN_CACHE, LMTRAIN_DATA_MIRROR), as the commands read them."""
-    mirror = os.environ.get("LMTRAIN_DATA_MIRROR")
-    return Path(os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")).expanduser(), Path(mirror) if mirror else None
-
-
 def line_pool(rng: np.random.Generator) -> np.ndarray:
     """TinyShakespeare's lines and three times as many made of its words drawn at random."""
-    from .sources import TINYSHAKESPEARE, fetch
+    from .sources import TINYSHAKESPEARE, cache_and_mirror, fetch
 
     text = fetch(TINYSHAKESPEARE, *cache_and_mirror()).read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
@@ -160,6 +154,7 @@ def baseline(corpus: str, out: str, workers: str, cache: str) -> None:
     all ids written into one uint16 np.memmap in 1024 contiguous batches."""
     import datasets
 
+    from .sources import cache_and_mirror
     from .tokenizer.gpt2 import load_gpt2
 
     datasets.disable_progress_bars()

@@ -5,6 +5,7 @@ Both data/ (the corpus) and tokenizer/ (GPT-2's files, training inputs) read thr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +35,12 @@ GPT2_ENCODER_JSON = Remote(
     "gpt2/encoder.json",
 )
 REMOTES = {"shakespeare": TINYSHAKESPEARE}
+
+
+def cache_and_mirror() -> tuple[Path, Path | None]:
+    """Where downloads are cached and copied from (LMTRAIN_CACHE, LMTRAIN_DATA_MIRROR), as the commands read them."""
+    mirror = os.environ.get("LMTRAIN_DATA_MIRROR")
+    return Path(os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")).expanduser(), Path(mirror) if mirror else None
 
 
 def fetch(remote: Remote, cache_dir: Path, mirror: Path | None = None) -> Path:
